@@ -1,0 +1,104 @@
+"""Token-chunked LM head + log-softmax: per-token log-probs without ever holding the [N, V] logits.
+
+The trainer gathers the hidden states of the scored (completion) positions only, so `hidden` is [N, H] with
+N = number of completion tokens in the micro-batch. The forward walks N in chunks: logits of one chunk in the
+compute dtype, logsumexp and the target logit in fp32. The backward recomputes each chunk's logits (memory is
+the point, not FLOPs) and accumulates the weight gradient across chunks in fp32.
+
+d logp_i / d z_ij = 1[j = y_i] - softmax(z_i)_j, so for an upstream gradient g_i the logits gradient of a
+chunk is g_i * (onehot - p); dH = dZ @ W and dW = dZ^T @ H.
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Under autocast (the CUDA bf16 path) the head GEMMs run in the autocast dtype, like the rest of the model.
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    return z
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):  # type: ignore[override]
+        cdt = _compute_dtype(weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            w = weight.to(cdt)
+            b = bias.to(cdt) if bias is not None else None
+            n = hidden.shape[0]
+            logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            for s in range(0, n, chunk_tokens):
+                e = min(s + chunk_tokens, n)
+                z = _chunk_logits(hidden[s:e].to(cdt), w, b).float()
+                lse[s:e] = torch.logsumexp(z, dim=-1)
+                logps[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_tokens, ctx.cdt = chunk_tokens, cdt
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):  # type: ignore[override]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        cdt, chunk_tokens = ctx.cdt, ctx.chunk_tokens
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        with torch.autocast(weight.device.type, enabled=False):
+            w = weight.to(cdt)
+            b = bias.to(cdt) if bias is not None else None
+            grad_h = torch.empty_like(hidden) if need_h else None
+            # fp32 accumulators across chunks: a bf16 running sum would lose the small per-chunk terms.
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            g_all = grad_logps.float()
+            for s in range(0, hidden.shape[0], chunk_tokens):
+                e = min(s + chunk_tokens, hidden.shape[0])
+                h = hidden[s:e].to(cdt)
+                p = torch.exp(_chunk_logits(h, w, b).float() - lse[s:e, None])
+                g = g_all[s:e]
+                dz = p.mul_(-g[:, None])
+                dz.scatter_add_(1, targets[s:e, None], g[:, None])
+                if need_b:
+                    grad_b += dz.sum(0)
+                dz_c = dz.to(cdt)
+                if need_h:
+                    grad_h[s:e] = (dz_c @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += (dz_c.T @ h).float()
+        return (grad_h,
+                grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None,
+                None, None)
+
+
+def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     bias: torch.Tensor | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[i, targets[i]] for each row i, as fp32 [N].
+
+    hidden [N, H] (only the positions to score), weight [V, H], bias [V] or None, targets [N] int64.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"shapes do not fit: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
+    if chunk_tokens < 1:
+        raise ValueError("chunk_tokens must be >= 1")
+    return _ChunkedLogProbs.apply(hidden, weight, bias, targets.long(), chunk_tokens)
+
+
+def plain_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The unfused reference path: full logits, fp32 log_softmax, gather. For tests and benchmarks."""
+    z = _chunk_logits(hidden, weight, bias).float()
+    return torch.log_softmax(z, dim=-1).gather(1, targets.long()[:, None]).squeeze(1)
