@@ -1,0 +1,247 @@
+"""Validation at stage boundaries: conform a table to its declared schema and check invariants.
+
+Errors name the file (when known), the row (0-based, as pyarrow and polars count) and the column of the
+first problems found, so a user can open the file and look.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.errors import InputError
+from schemas.tables import STATUS_VALUES, UNIQUE_KEY, schema_for
+
+MAX_PROBLEMS = 5
+
+
+class _Problems:
+    def __init__(self, file: str | None):
+        self.file, self.items = file, []
+
+    def add(self, row: int | None, column: str | None, msg: str) -> None:
+        self.items.append((row, column, msg))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        row, column, msg = self.items[0]
+        more = ""
+        if len(self.items) > 1:
+            rest = "; ".join(f"row {r}, column '{c}': {m}" for r, c, m in self.items[1:MAX_PROBLEMS])
+            more = f" (also: {rest}{'; ...' if len(self.items) > MAX_PROBLEMS else ''})"
+        raise InputError(msg + more, file=self.file, row=row, column=column)
+
+    def full(self) -> bool:
+        return len(self.items) > MAX_PROBLEMS
+
+
+def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
+    idx = pc.index(pc.fill_null(mask, False), True).as_py()
+    return None if idx < 0 else idx
+
+
+def _compatible(src: pa.DataType, dst: pa.DataType) -> bool:
+    """Casts we do silently: representation changes that cannot change a value's meaning."""
+    if src == dst or pa.types.is_null(src):
+        return True
+    stringy = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+    if any(f(src) for f in stringy) and (any(f(dst) for f in stringy) or pa.types.is_dictionary(dst)):
+        return True
+    if pa.types.is_dictionary(src):
+        return _compatible(src.value_type, dst.value_type if pa.types.is_dictionary(dst) else dst)
+    if pa.types.is_integer(src) and pa.types.is_integer(dst):
+        return True  # range-checked by the safe cast
+    if (pa.types.is_floating(src) or pa.types.is_integer(src)) and pa.types.is_floating(dst):
+        return True
+    if pa.types.is_timestamp(src) and pa.types.is_timestamp(dst):
+        return True
+    is_list = (pa.types.is_list, pa.types.is_large_list)
+    if any(f(src) for f in is_list) and any(f(dst) for f in is_list):
+        return _compatible(src.value_type, dst.value_type)
+    if pa.types.is_struct(src) and pa.types.is_struct(dst):
+        names = {f.name: f.type for f in src}
+        return all(f.name not in names or _compatible(names[f.name], f.type) for f in dst)
+    return False
+
+
+def _cast_struct_fill(col: pa.ChunkedArray, dst: pa.DataType) -> pa.ChunkedArray:
+    """Struct (or list<struct>) columns may omit nullable fields: add them as nulls before casting."""
+    if pa.types.is_list(dst) or pa.types.is_large_list(dst):
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        inner = _cast_struct_fill(pa.chunked_array([arr.flatten()]), dst.value_type).combine_chunks()
+        offsets = arr.offsets
+        out = pa.ListArray.from_arrays(offsets, inner, type=pa.list_(pa.field("item", dst.value_type,
+                                                                                dst.value_field.nullable)),
+                                       mask=arr.is_null() if arr.null_count else None)
+        return pa.chunked_array([out])
+    if pa.types.is_struct(dst) and pa.types.is_struct(col.type):
+        arr = col.combine_chunks()
+        children = []
+        for f in dst:
+            idx = arr.type.get_field_index(f.name)
+            child = arr.field(idx) if idx >= 0 else pa.nulls(len(arr), f.type)
+            children.append(_cast_struct_fill(pa.chunked_array([child]), f.type).combine_chunks())
+        return pa.chunked_array([pa.StructArray.from_arrays(children, fields=list(dst),
+                                                            mask=arr.is_null() if arr.null_count else None)])
+    return col.cast(dst, safe=True)
+
+
+def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
+    """Return `table` with the declared columns of `kind` first, in declared types; extra columns kept.
+
+    Missing nullable columns are added as nulls; a missing required column or an incompatible type is an
+    InputError naming the column (and the first non-null row for a type problem).
+    """
+    schema = schema_for(kind)
+    problems = _Problems(file)
+    if table.num_rows == 0 and table.num_columns == 0:
+        raise InputError(f"empty table: no rows and no columns (expected a {kind} table)", file=file)
+    cols, fields = [], []
+    for field in schema:
+        if field.name not in table.column_names:
+            if field.nullable:
+                cols.append(pa.nulls(table.num_rows, field.type))
+                fields.append(field)
+                continue
+            problems.add(None, field.name, f"missing required column (a {kind} table needs "
+                                           f"{[f.name for f in schema if not f.nullable]})")
+            continue
+        col = table.column(field.name)
+        if col.type != field.type:
+            bad_row = _first_true(pc.is_valid(col)) if len(col) else None
+            if not _compatible(col.type, field.type):
+                problems.add(bad_row, field.name, f"wrong type {col.type}, expected {field.type}")
+                continue
+            try:
+                col = _cast_struct_fill(col, field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                problems.add(bad_row, field.name, f"cannot convert {col.type} to {field.type}: {e}")
+                continue
+        cols.append(col)
+        fields.append(field)
+    problems.raise_if_any()
+    declared = {f.name for f in schema}
+    for name in table.column_names:
+        if name not in declared:
+            cols.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def _check_nulls(table: pa.Table, kind: str, problems: _Problems) -> None:
+    for field in schema_for(kind):
+        col = table.column(field.name)
+        if not field.nullable and col.null_count:
+            problems.add(_first_true(pc.is_null(col)), field.name, "null in a required column")
+        item_type = field.type.value_type if pa.types.is_list(field.type) else None
+        if item_type is not None and pa.types.is_struct(item_type):
+            _check_struct_list_nulls(col, field.name, item_type, problems)
+
+
+def _check_struct_list_nulls(col, name: str, struct_type: pa.StructType, problems: _Problems) -> None:
+    arr = col.combine_chunks()
+    flat = arr.flatten()
+    if not len(flat):
+        return
+    parents = pc.list_parent_indices(arr)
+    for f in struct_type:
+        if f.nullable:
+            continue
+        nulls = pc.is_null(flat.field(f.name))
+        i = _first_true(nulls)
+        if i is not None:
+            problems.add(parents[i].as_py(), f"{name}.{f.name}", "null in a required field of a list item")
+
+
+def _check_strings_nonempty(table: pa.Table, column: str, problems: _Problems) -> None:
+    col = table.column(column)
+    i = _first_true(pc.equal(pc.utf8_trim_whitespace(col), ""))
+    if i is not None:
+        problems.add(i, column, "empty text")
+
+
+def _check_unique(table: pa.Table, kind: str, problems: _Problems) -> None:
+    key = UNIQUE_KEY[kind]
+    if key not in table.column_names or table.num_rows < 2:
+        return
+    col = table.column(key)
+    counts = pc.value_counts(col)
+    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        value = dup[0]
+        rows = pc.indices_nonzero(pc.equal(col, value)).to_pylist()[:3]
+        problems.add(rows[1], key, f"duplicate {key} {value.as_py()!r} (rows {rows})")
+
+
+def _check_status(table: pa.Table, problems: _Problems) -> None:
+    if "status" not in table.column_names:
+        return
+    bad = pc.invert(pc.is_in(table.column("status"), pa.array(STATUS_VALUES)))
+    i = _first_true(bad)
+    if i is not None:
+        problems.add(i, "status", f"status {table.column('status')[i].as_py()!r} not in {STATUS_VALUES}")
+
+
+def check_pair_invariants(table: pa.Table, problems: _Problems) -> None:
+    """On rows with status ok: chosen != rejected; shared_prefix is a prefix of both;
+    score_margin = chosen_score - rejected_score whenever both scores are present."""
+    import polars as pl
+
+    cols = ["chosen", "rejected", "shared_prefix", "chosen_score", "rejected_score", "score_margin"]
+    df = pl.from_arrow(table.select(cols + (["status"] if "status" in table.column_names else [])))
+    df = df.with_row_index("_row")
+    if "status" in df.columns:
+        df = df.filter(pl.col("status") == "ok")
+    expected = pl.col("chosen_score") - pl.col("rejected_score")
+    checks = [
+        ("rejected", pl.col("chosen") == pl.col("rejected"), lambda r: "chosen and rejected are identical"),
+        ("shared_prefix", pl.col("shared_prefix").is_not_null()
+         & ~pl.col("chosen").str.starts_with(pl.col("shared_prefix")),
+         lambda r: "shared_prefix is not a prefix of chosen"),
+        ("shared_prefix", pl.col("shared_prefix").is_not_null()
+         & ~pl.col("rejected").str.starts_with(pl.col("shared_prefix")),
+         lambda r: "shared_prefix is not a prefix of rejected"),
+        ("score_margin", (pl.col("score_margin") - expected).abs() > 1e-9 + 1e-9 * expected.abs(),
+         lambda r: f"score_margin {r['score_margin']} != chosen_score - rejected_score "
+                   f"({r['chosen_score'] - r['rejected_score']})"),
+        ("score_margin", expected.is_not_null() & pl.col("score_margin").is_null(),
+         lambda r: "score_margin missing although both scores are present"),
+    ]
+    for column, bad, message in checks:
+        hit = df.filter(bad.fill_null(False)).head(1)
+        if hit.height:
+            row = hit.row(0, named=True)
+            problems.add(row["_row"], column, message(row))
+
+
+def _check_lists(table: pa.Table, problems: _Problems) -> None:
+    n_resp = pc.list_value_length(table.column("responses"))
+    n_scores = pc.list_value_length(table.column("scores"))
+    i = _first_true(pc.not_equal(n_resp, n_scores))
+    if i is not None:
+        problems.add(i, "scores", f"{n_scores[i].as_py()} scores for {n_resp[i].as_py()} responses")
+    i = _first_true(pc.less(n_resp, 2))
+    if i is not None:
+        problems.add(i, "responses", "a ranked list needs at least 2 responses")
+
+
+def validate(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
+    """Conform `table` to the schema of `kind` and check its invariants; return the conformed table.
+
+    Raises InputError naming the file, row and column of the first problem (and up to four more).
+    """
+    table = conform(table, kind, file=file)
+    problems = _Problems(file)
+    _check_nulls(table, kind, problems)
+    if kind == "prompts":
+        _check_strings_nonempty(table, "prompt", problems)
+    _check_unique(table, kind, problems)
+    _check_status(table, problems)
+    if kind == "pairs":
+        check_pair_invariants(table, problems)
+    if kind == "lists":
+        _check_lists(table, problems)
+    problems.raise_if_any()
+    return table
