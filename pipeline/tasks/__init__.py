@@ -1,0 +1,1 @@
+"""Verifiable tasks: the bundled arithmetic word problems, their verifiers, and user prompt loaders."""
