@@ -1,0 +1,347 @@
+"""Training data: read pair and ranked-list tables, tokenize each piece once, collate [chosen ; rejected].
+
+Tokenization (the same for the policy, the cached reference pass and every epoch, because it happens once):
+- prompt ids = the chat template applied to [system?, user] with add_generation_prompt=True, rendered to text
+  and encoded without special tokens; a BOS is prepended only when the tokenizer normally adds one and the
+  template did not write it, and a doubled leading BOS is collapsed. Without a chat template the prompt text is
+  encoded as is.
+- completion ids = the completion text encoded without special tokens, + EOS once (not when the text already
+  ends with it).
+- prefix_as_prompt: the pair's shared_prefix is encoded once, appended to the prompt ids, and only the
+  divergent suffix of chosen/rejected is scored (both sides see the same prefix tokens).
+Identical prompts, prefixes and completions are encoded once per table (a dict of text -> ids).
+
+Truncation policy, per row, counted in `EncodeStats`:
+1. a prompt longer than max_prompt_length keeps its last tokens (the text nearest the answer), with its BOS;
+2. a completion that does not fit in max_length after its prompt is cut at the end (TRL's keep_start);
+3. a pair/list whose prompt leaves no room for one completion token is dropped.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import InputError
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+LIST_COLUMNS = ("prompt", "responses", "scores")
+
+
+class TokenizeConfig(BaseModel):
+    """How rows become token ids. Part of the reference-cache fingerprint."""
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int = Field(1024, ge=2, description="max prompt + completion tokens per sequence")
+    max_prompt_length: int | None = Field(None, ge=1, description="prompts longer than this keep their end")
+    prefix_as_prompt: bool = Field(False, description="score only the part after shared_prefix")
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def read_table(path: str | Path) -> pa.Table:
+    """A parquet file, a folder of parquet shards (a store stage folder), or a JSONL file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or folder", file=str(p))
+    try:
+        if p.is_dir():
+            shards = sorted(p.glob("*.parquet"))
+            if not shards:
+                raise InputError("folder has no .parquet files", file=str(p))
+            table = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default")
+        elif p.suffix in (".jsonl", ".json"):
+            import pyarrow.json as pj
+            table = pj.read_json(p)
+        else:
+            table = pq.read_table(p)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"cannot read table: {e}", file=str(p)) from e
+    if "status" in table.column_names:  # store outputs: failed/filtered rows are reported there, not trained on
+        table = table.filter(pc.equal(table["status"], "ok"))
+    if table.num_rows == 0:
+        raise InputError("table has no (ok) rows", file=str(p))
+    return table
+
+
+def _require(table: pa.Table, columns: tuple[str, ...], kinds: dict[str, str], file: str | None) -> None:
+    for c in columns:
+        if c not in table.column_names:
+            raise InputError(f"missing column (have {table.column_names})", file=file, column=c)
+        col = table[c]
+        if col.null_count:
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError("null value", file=file, row=row, column=c)
+        want = kinds[c]
+        ok = {"string": pa.types.is_string(col.type) or pa.types.is_large_string(col.type),
+              "list": pa.types.is_list(col.type) or pa.types.is_large_list(col.type)}[want]
+        if not ok:
+            raise InputError(f"expected {want}, got {col.type}", file=file, column=c)
+
+
+def check_pairs(table: pa.Table, file: str | None = None, prefix_as_prompt: bool = False) -> None:
+    if table.num_rows == 0:
+        raise InputError("empty pair table", file=file)
+    _require(table, PAIR_COLUMNS, dict.fromkeys(PAIR_COLUMNS, "string"), file)
+    if prefix_as_prompt and "shared_prefix" not in table.column_names:
+        raise InputError("prefix_as_prompt needs a shared_prefix column", file=file, column="shared_prefix")
+
+
+def check_lists(table: pa.Table, file: str | None = None) -> None:
+    if table.num_rows == 0:
+        raise InputError("empty ranked-list table", file=file)
+    _require(table, LIST_COLUMNS, {"prompt": "string", "responses": "list", "scores": "list"}, file)
+    n_resp = pc.list_value_length(table["responses"]).to_numpy(zero_copy_only=False)
+    n_score = pc.list_value_length(table["scores"]).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(n_resp != n_score)
+    if bad.size:
+        raise InputError(f"{n_resp[bad[0]]} responses but {n_score[bad[0]]} scores", file=file,
+                         row=int(bad[0]), column="scores")
+    bad = np.flatnonzero(n_resp < 2)
+    if bad.size:
+        raise InputError("a ranked list needs at least 2 responses", file=file, row=int(bad[0]),
+                         column="responses")
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+@dataclass
+class EncodeStats:
+    rows_in: int = 0
+    rows_dropped: int = 0          # prompt left no room for a completion token
+    prompts_truncated: int = 0     # rows whose prompt was cut to max_prompt_length
+    completions_truncated: int = 0  # completions cut at max_length (counted per sequence)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Encoded:
+    """Token ids of a table: one prompt and K completions per kept row (K=2 for pairs: chosen, rejected)."""
+    rows: np.ndarray                       # index of each kept row in the source table
+    prompts: list[list[int]]
+    completions: list[list[list[int]]]
+    scores: list[list[float]] | None = None  # ranked lists only
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def num_tokens(self) -> int:
+        return sum(len(p) * len(c) + sum(map(len, c)) for p, c in zip(self.prompts, self.completions))
+
+
+class PieceEncoder:
+    """Encodes prompts and completions with one tokenizer; each distinct text is tokenized once."""
+
+    def __init__(self, tokenizer, system_default: str | None = None):
+        self.tok = tokenizer
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        self.eos_text = tokenizer.eos_token
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.adds_bos = self.bos is not None and len(probe) > 0 and probe[0] == self.bos
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self._cache: dict[tuple[str, str], list[int]] = {}
+
+    def _encode_many(self, kind: str, texts: list[str]) -> list[list[int]]:
+        todo = sorted({t for t in texts if (kind, t) not in self._cache})
+        if todo:
+            ids = self.tok(todo, add_special_tokens=False)["input_ids"]
+            for t, i in zip(todo, ids):
+                self._cache[(kind, t)] = self._fix(kind, t, list(i))
+        return [self._cache[(kind, t)] for t in texts]
+
+    def _fix(self, kind: str, text: str, ids: list[int]) -> list[int]:
+        if kind == "prompt":
+            if self.adds_bos and (not ids or ids[0] != self.bos):
+                ids = [self.bos] + ids
+            while len(ids) >= 2 and self.bos is not None and ids[0] == ids[1] == self.bos:
+                ids = ids[1:]
+            return ids
+        if kind == "completion":
+            while ids and self.bos is not None and ids[0] == self.bos:
+                ids = ids[1:]
+            if self.eos is not None and (not ids or ids[-1] != self.eos):
+                ids = ids + [self.eos]
+            return ids
+        return ids  # "prefix": continues the prompt, so no specials of its own and no EOS
+
+    def render_prompt(self, prompt: str, system: str | None = None, messages_json: str | None = None) -> str:
+        if messages_json:
+            messages = json.loads(messages_json)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                       [{"role": "user", "content": prompt}]
+        if not self.has_template:
+            return "\n\n".join(m["content"] for m in messages)
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompts(self, texts: list[str]) -> list[list[int]]:
+        return self._encode_many("prompt", texts)
+
+    def completions(self, texts: list[str]) -> list[list[int]]:
+        return self._encode_many("completion", texts)
+
+    def prefixes(self, texts: list[str]) -> list[list[int]]:
+        return self._encode_many("prefix", texts)
+
+
+def _optional_strings(table: pa.Table, name: str) -> list[str | None]:
+    return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def _rendered_prompts(enc: PieceEncoder, table: pa.Table) -> list[str]:
+    prompts = table["prompt"].to_pylist()
+    systems = _optional_strings(table, "system")
+    messages = _optional_strings(table, "prompt_messages")
+    return [enc.render_prompt(p, s, m) for p, s, m in zip(prompts, systems, messages)]
+
+
+def _split_prefixes(table: pa.Table, file: str | None) -> tuple[list[str], list[str], list[str]]:
+    """(prefix, chosen suffix, rejected suffix) per row; rows without a prefix get ''."""
+    prefixes = [p or "" for p in _optional_strings(table, "shared_prefix")]
+    chosen, rejected = table["chosen"].to_pylist(), table["rejected"].to_pylist()
+    for i, (p, c, r) in enumerate(zip(prefixes, chosen, rejected)):
+        for name, text in (("chosen", c), ("rejected", r)):
+            if not text.startswith(p):
+                raise InputError("shared_prefix is not a prefix of this completion", file=file, row=i,
+                                 column=name)
+    return prefixes, [c[len(p):] for p, c in zip(prefixes, chosen)], \
+        [r[len(p):] for p, r in zip(prefixes, rejected)]
+
+
+def _fit(prompt: list[int], comps: list[list[int]], cfg: TokenizeConfig, bos: int | None,
+         stats: EncodeStats) -> tuple[list[int], list[list[int]]] | None:
+    """Apply the truncation policy to one row; None when the row must be dropped."""
+    if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
+        stats.prompts_truncated += 1
+        keep = prompt[-cfg.max_prompt_length:]
+        if bos is not None and prompt[0] == bos and cfg.max_prompt_length > 1:
+            keep = [bos] + prompt[-(cfg.max_prompt_length - 1):]
+        prompt = keep
+    room = cfg.max_length - len(prompt)
+    if room < 1:
+        stats.rows_dropped += 1
+        return None
+    out = []
+    for c in comps:
+        if len(c) > room:
+            stats.completions_truncated += 1
+            c = c[:room]
+        out.append(c)
+    return prompt, out
+
+
+def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:
+    check_pairs(table, file, cfg.prefix_as_prompt)
+    enc = PieceEncoder(tokenizer)
+    prompts = enc.prompts(_rendered_prompts(enc, table))
+    if cfg.prefix_as_prompt:
+        prefix_text, chosen_text, rejected_text = _split_prefixes(table, file)
+        prompts = [p + x for p, x in zip(prompts, enc.prefixes(prefix_text))]
+    else:
+        chosen_text, rejected_text = table["chosen"].to_pylist(), table["rejected"].to_pylist()
+    chosen, rejected = enc.completions(chosen_text), enc.completions(rejected_text)
+    return _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc)
+
+
+def encode_lists(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:
+    check_lists(table, file)
+    enc = PieceEncoder(tokenizer)
+    prompts = enc.prompts(_rendered_prompts(enc, table))
+    responses = table["responses"].to_pylist()
+    flat = enc.completions([r for rs in responses for r in rs])
+    comps, k = [], 0
+    for rs in responses:
+        comps.append(flat[k:k + len(rs)])
+        k += len(rs)
+    return _assemble(table.num_rows, prompts, comps, table["scores"].to_pylist(), cfg, enc)
+
+
+def _assemble(n_rows, prompts, comps, scores, cfg, enc) -> Encoded:
+    stats = EncodeStats(rows_in=n_rows)
+    rows, kept_p, kept_c, kept_s = [], [], [], []
+    for i in range(n_rows):
+        fitted = _fit(prompts[i], comps[i], cfg, enc.bos, stats)
+        if fitted is None:
+            continue
+        rows.append(i)
+        kept_p.append(fitted[0])
+        kept_c.append(fitted[1])
+        if scores is not None:
+            kept_s.append([float(s) for s in scores[i]])
+    return Encoded(np.asarray(rows, dtype=np.int64), kept_p, kept_c, kept_s if scores is not None else None,
+                   stats)
+
+
+# ---------------------------------------------------------------------------------------------------- collation
+
+@dataclass
+class Batch:
+    """R = sum of group sizes sequences, right-padded to T. Rows are slot-major: for pairs, the first B rows
+    are the chosen completions and the next B the rejected ones ([chosen ; rejected])."""
+    input_ids: torch.Tensor        # [R, T] int64
+    attention_mask: torch.Tensor   # [R, T] int64
+    completion_mask: torch.Tensor  # [R, T] bool: token t is a scored completion token
+    group: torch.Tensor            # [R] which group (pair / list) of the batch the row belongs to
+    slot: torch.Tensor             # [R] its position in the group (0 = chosen, 1 = rejected for pairs)
+    index: torch.Tensor            # [B] index of each group in the Encoded data
+    slot_mask: torch.Tensor        # [B, K] which slots exist (lists may have different sizes)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.index.numel())
+
+    def to(self, device) -> "Batch":
+        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def scatter(self, per_row: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[R] values -> [B, K] by (group, slot); missing slots get `fill`."""
+        out = per_row.new_full(self.slot_mask.shape, fill)
+        out[self.group, self.slot] = per_row
+        return out
+
+
+def collate(data: Encoded, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
+    """One batch holding every completion of the given groups: a single forward covers chosen+rejected."""
+    indices = [int(i) for i in indices]
+    k_max = max(len(data.completions[i]) for i in indices)
+    seqs, comp_start, groups, slots = [], [], [], []
+    for k in range(k_max):  # slot-major order
+        for b, i in enumerate(indices):
+            if k < len(data.completions[i]):
+                seqs.append(data.prompts[i] + data.completions[i][k])
+                comp_start.append(len(data.prompts[i]))
+                groups.append(b)
+                slots.append(k)
+    lengths = torch.tensor([len(s) for s in seqs])
+    T = int(lengths.max())
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+    pos = torch.arange(T)[None, :]
+    attn = (pos < lengths[:, None]).long()
+    comp = (pos >= torch.tensor(comp_start)[:, None]) & attn.bool()
+    slot_mask = torch.zeros(len(indices), k_max, dtype=torch.bool)
+    groups_t, slots_t = torch.tensor(groups), torch.tensor(slots)
+    slot_mask[groups_t, slots_t] = True
+    return Batch(ids, attn, comp, groups_t, slots_t, torch.tensor(indices), slot_mask)
+
+
+def pad_id_of(tokenizer) -> int:
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if t is not None:
+            return int(t)
+    return 0

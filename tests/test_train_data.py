@@ -1,0 +1,195 @@
+"""Trainer data: tokenization once per piece, no doubled BOS/EOS, prefix-as-prompt, truncation, collation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline.errors import InputError  # noqa: E402
+from pipeline.train.data import (TokenizeConfig, collate, encode_lists, encode_pairs, read_table)  # noqa: E402
+from pipeline.train.tiny import char_tokenizer  # noqa: E402
+
+TINY_POLICY = Path(__file__).resolve().parents[1] / "data" / "tiny-policy"
+
+
+def _tokenizers():
+    toks = [pytest.param(lambda: char_tokenizer(template_bos=True), id="char-template-bos"),
+            pytest.param(lambda: char_tokenizer(template_bos=False), id="char-no-bos")]
+    marks = [] if (TINY_POLICY / "tokenizer_config.json").exists() else \
+        [pytest.mark.skip(reason="data/tiny-policy not built yet")]
+
+    def tiny():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(TINY_POLICY)
+    toks.append(pytest.param(tiny, id="tiny-policy", marks=marks))
+    return toks
+
+
+def _pairs(**cols):
+    base = {"prompt": ["2+3?", "2+3?", "7*6?"], "chosen": ["5", "Answer: 5", "42"],
+            "rejected": ["6", "Answer: 6</s>", "41"]}
+    base.update(cols)
+    return pa.table(base)
+
+
+@pytest.mark.parametrize("make_tok", _tokenizers())
+def test_no_doubled_bos_or_eos(make_tok):
+    tok = make_tok()
+    enc = encode_pairs(_pairs(), tok, TokenizeConfig())
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    adds_bos = bos is not None and tok("a")["input_ids"][0] == bos
+    rendered = tok.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True,
+                                       tokenize=False) if tok.chat_template else ""
+    template_writes_bos = tok.bos_token is not None and rendered.startswith(tok.bos_token)
+    for p, comps in zip(enc.prompts, enc.completions):
+        n_bos = sum(1 for i in p[:2] if i == bos) if bos is not None else 0
+        assert n_bos == (1 if adds_bos or template_writes_bos else 0)
+        for c in comps:
+            assert c[-1] == eos and (len(c) < 2 or c[-2] != eos)
+            assert bos is None or bos not in c
+    # "Answer: 6</s>" already ends with EOS: exactly one EOS, the text's own
+    assert enc.completions[1][1].count(eos) == 1
+
+
+def test_exact_ids_template_bos():
+    tok = char_tokenizer(template_bos=True)
+    enc = encode_pairs(_pairs(), tok, TokenizeConfig())
+    v = tok.get_vocab()
+    assert enc.prompts[0] == [v["<s>"], v["<|user|>"], v["2"], v["+"], v["3"], v["?"], v["\n"], v["<|assistant|>"]]
+    assert enc.completions[0] == [[v["5"], v["</s>"]], [v["6"], v["</s>"]]]
+    assert enc.rows.tolist() == [0, 1, 2]
+
+
+def test_plain_tokenizer_without_template():
+    tok = char_tokenizer(template_bos=True)
+    tok.chat_template = None
+    enc = encode_pairs(_pairs(), tok, TokenizeConfig())
+    v = tok.get_vocab()
+    assert enc.prompts[2] == [v["<s>"], v["7"], v["*"], v["6"], v["?"]]
+
+
+def test_each_piece_tokenized_once():
+    tok = char_tokenizer()
+    seen: list[str] = []
+    orig = type(tok).__call__
+
+    class Counting(type(tok)):
+        def __call__(self, text, *a, **kw):
+            seen.extend([text] if isinstance(text, str) else text)
+            return orig(self, text, *a, **kw)
+    tok.__class__ = Counting
+    table = pa.table({"prompt": ["q"] * 5, "chosen": ["a", "b", "a", "b", "a"], "rejected": ["c"] * 5})
+    encode_pairs(table, tok, TokenizeConfig())
+    rendered = tok.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True,
+                                       tokenize=False)
+    assert seen.count(rendered) == 1
+    # "a" appears once as the BOS probe and once as a completion; "b" and "c" once each
+    assert seen.count("b") == 1 and seen.count("c") == 1 and seen.count("a") == 2
+
+
+def test_prefix_as_prompt_scores_only_the_suffix():
+    tok = char_tokenizer()
+    v = tok.get_vocab()
+    table = pa.table({"prompt": ["p"], "shared_prefix": ["Step 1: 5\n"],
+                      "chosen": ["Step 1: 5\nStep 2: 9"], "rejected": ["Step 1: 5\nStep 2: 8"]})
+    full = encode_pairs(table, tok, TokenizeConfig())
+    enc = encode_pairs(table, tok, TokenizeConfig(prefix_as_prompt=True))
+    prefix_ids = [v[c] for c in "Step 1: 5\n"]
+    assert enc.prompts[0] == full.prompts[0] + prefix_ids
+    assert enc.completions[0][0] == [v[c] for c in "Step 2: 9"] + [v["</s>"]]
+    assert enc.completions[0][1] == [v[c] for c in "Step 2: 8"] + [v["</s>"]]
+    assert len(full.completions[0][0]) == len(prefix_ids) + len(enc.completions[0][0])
+
+
+def test_prefix_not_a_prefix_names_row_and_column():
+    table = pa.table({"prompt": ["p", "p"], "shared_prefix": ["ab", "ab"], "chosen": ["abc", "abd"],
+                      "rejected": ["abx", "xby"]})
+    with pytest.raises(InputError, match=r"row 1, column 'rejected'"):
+        encode_pairs(table, char_tokenizer(), TokenizeConfig(prefix_as_prompt=True), file="t.parquet")
+
+
+def test_truncation_policy_and_counts():
+    tok = char_tokenizer()
+    # prompt "abcdefghij" -> 1 BOS + 1 <|user|> + 10 chars + "\n" + <|assistant|> = 14 tokens
+    table = pa.table({"prompt": ["abcdefghij", "x", "abcdefghij" * 3],
+                      "chosen": ["0123456789", "0", "0"], "rejected": ["01", "1", "1"]})
+    enc = encode_pairs(table, tok, TokenizeConfig(max_length=20, max_prompt_length=14))
+    s = enc.stats
+    assert (s.rows_in, s.rows_dropped, s.prompts_truncated, s.completions_truncated) == (3, 0, 1, 1)
+    assert len(enc.completions[0][0]) == 6 and enc.completions[0][0][-1] != tok.eos_token_id
+    assert enc.completions[0][1][-1] == tok.eos_token_id  # the short side keeps its EOS
+    assert len(enc.prompts[2]) == 14 and enc.prompts[2][0] == tok.bos_token_id
+    assert enc.prompts[2][-1] == tok.get_vocab()["<|assistant|>"]
+    enc = encode_pairs(table, tok, TokenizeConfig(max_length=14))
+    assert enc.rows.tolist() == [1] and enc.stats.rows_dropped == 2
+
+
+def test_collate_chosen_then_rejected():
+    tok = char_tokenizer()
+    enc = encode_pairs(_pairs(), tok, TokenizeConfig())
+    b = collate(enc, [0, 2], pad_id=0)
+    P = len(enc.prompts[0])
+    assert b.input_ids.shape == (4, P + 3)
+    expected_rows = [enc.prompts[0] + enc.completions[0][0], enc.prompts[2] + enc.completions[2][0],
+                     enc.prompts[0] + enc.completions[0][1], enc.prompts[2] + enc.completions[2][1]]
+    for r, ids in enumerate(expected_rows):
+        assert b.input_ids[r, :len(ids)].tolist() == ids
+        assert b.input_ids[r, len(ids):].tolist() == [0] * (P + 3 - len(ids))
+        assert b.attention_mask[r].sum().item() == len(ids)
+        assert b.completion_mask[r].nonzero().flatten().tolist() == list(range(P, len(ids)))
+    assert b.group.tolist() == [0, 1, 0, 1] and b.slot.tolist() == [0, 0, 1, 1]
+    assert b.scatter(torch.tensor([1., 2., 3., 4.])).tolist() == [[1., 3.], [2., 4.]]
+
+
+def test_lists_variable_size():
+    tok = char_tokenizer()
+    table = pa.table({"prompt": ["a", "b"], "responses": [["1", "22", "333"], ["x", "y"]],
+                      "scores": [[3.0, 2.0, 1.0], [1.0, 0.0]]})
+    enc = encode_lists(table, tok, TokenizeConfig())
+    assert [len(c) for c in enc.completions] == [3, 2] and enc.scores == [[3.0, 2.0, 1.0], [1.0, 0.0]]
+    b = collate(enc, [0, 1], pad_id=0)
+    assert b.input_ids.shape[0] == 5
+    assert b.slot_mask.tolist() == [[True, True, True], [True, True, False]]
+    assert b.scatter(torch.arange(5.0), fill=-1).tolist() == [[0., 2., 4.], [1., 3., -1.]]
+
+
+@pytest.mark.parametrize("table,match", [
+    (pa.table({"prompt": ["a"], "chosen": ["b"]}), r"column 'rejected': missing column"),
+    (pa.table({"prompt": ["a", None], "chosen": ["b", "c"], "rejected": ["d", "e"]}), r"row 1, column 'prompt'"),
+    (pa.table({"prompt": ["a"], "chosen": [1], "rejected": ["d"]}), r"column 'chosen': expected string"),
+    (pa.table({"prompt": pa.array([], pa.string()), "chosen": pa.array([], pa.string()),
+               "rejected": pa.array([], pa.string())}), "empty pair table"),
+])
+def test_pair_input_errors(table, match):
+    with pytest.raises(InputError, match=match):
+        encode_pairs(table, char_tokenizer(), TokenizeConfig(), file="pairs.parquet")
+
+
+def test_list_input_errors():
+    bad = pa.table({"prompt": ["a", "b"], "responses": [["1", "2"], ["1", "2"]], "scores": [[1.0, 0.0], [1.0]]})
+    with pytest.raises(InputError, match=r"row 1, column 'scores'"):
+        encode_lists(bad, char_tokenizer(), TokenizeConfig())
+    short = pa.table({"prompt": ["a"], "responses": [["1"]], "scores": [[1.0]]})
+    with pytest.raises(InputError, match=r"row 0, column 'responses'"):
+        encode_lists(short, char_tokenizer(), TokenizeConfig())
+
+
+def test_read_table_folder_keeps_ok_rows(tmp_path):
+    t = pa.table({"prompt": ["a", "b", "c"], "chosen": ["x"] * 3, "rejected": ["y"] * 3,
+                  "status": ["ok", "failed", "ok"]})
+    pq.write_table(t.slice(0, 2), tmp_path / "part-00000.parquet")
+    pq.write_table(t.slice(2), tmp_path / "part-00001.parquet")
+    (tmp_path / "manifest.json").write_text("{}")
+    got = read_table(tmp_path)
+    assert got["prompt"].to_pylist() == ["a", "c"]
+    with pytest.raises(InputError, match="no such file"):
+        read_table(tmp_path / "nope.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="cannot read"):
+        read_table(tmp_path / "bad.parquet")
