@@ -146,15 +146,58 @@ def _input_changed(stage_store: StageStore, expected, got, shard: int | None = N
 
 
 def read_input(path: str | Path, kind: str = "prompts") -> pa.Table:
-    """Read a stage input: a run-store stage folder, or a prompts file (JSONL, Parquet, datasets folder)."""
+    """Read a stage input: a run-store stage folder, or a file.
+
+    Prompts come through the prompt loaders (JSONL, Parquet, `datasets` folder). Other kinds are read from
+    Parquet or JSONL; `validate` then checks them against their schema.
+    """
     path = Path(path)
     if (path / "manifest.json").exists():
         return StageStore(path.parent, path.name).read()
     if kind == "prompts":
         from pipeline.tasks.loaders import load_prompts
         return load_prompts(path)
+    if not path.exists():
+        raise InputError("no such file or directory", file=str(path))
+    if path.suffix in (".jsonl", ".json"):
+        return read_jsonl(path)
     import pyarrow.parquet as pq
     try:
         return pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as e:
-        raise InputError(f"cannot read parquet: {e}", file=str(path)) from None
+        raise InputError(f"cannot read parquet (truncated or not parquet?): {e}", file=str(path)) from None
+
+
+def read_jsonl(path: Path) -> pa.Table:
+    """JSON Lines into a table; errors name the line (1-based) and, for type clashes, the column."""
+    import json
+
+    records = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"invalid UTF-8 at byte {e.start}", file=str(path), row=line_no) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(f"invalid JSON: {e.msg}", file=str(path), row=line_no) from None
+            if not isinstance(obj, dict):
+                raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=str(path),
+                                 row=line_no)
+            records.append(obj)
+    if not records:
+        raise InputError("empty file: no records", file=str(path))
+    try:
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        for column in {k for r in records for k in r}:
+            kinds = [type(r.get(column)).__name__ for r in records if r.get(column) is not None]
+            for i, k in enumerate(kinds):
+                if k != kinds[0]:
+                    raise InputError(f"mixed value types ({kinds[0]} then {k}): {e}", file=str(path),
+                                     row=i + 1, column=column) from None
+        raise InputError(f"cannot build a table: {e}", file=str(path)) from None

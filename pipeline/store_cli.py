@@ -64,6 +64,16 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
                 for o, d in info["outputs"].items():
                     console.print(f"[bold]{name}/{o} schema[/bold]\n{d['schema']}")
 
+    @app.command("validate")
+    def validate_cmd(path: Path = typer.Argument(..., help="A table file (Parquet/JSONL) or a stage folder."),
+                     kind: str = typer.Option("prompts", help="prompts | generations | trees | pairs | lists")):
+        """Check a table against its schema and invariants; errors name the file, row and column."""
+        from pipeline.engine import read_input
+        from schemas import validate
+
+        table = validate(read_input(path, kind), kind, file=str(path))
+        typer.echo(f"ok: {table.num_rows} rows of {kind} in {path}")
+
     @app.command("fingerprint")
     def fingerprint_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
                         stage: str = typer.Argument(None, help="Stage name (all stages if omitted).")):

@@ -98,15 +98,14 @@ def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
     problems = _Problems(file)
     if table.num_rows == 0 and table.num_columns == 0:
         raise InputError(f"empty table: no rows and no columns (expected a {kind} table)", file=file)
-    cols, fields = [], []
+    cols, fields, missing = [], [], []
     for field in schema:
         if field.name not in table.column_names:
             if field.nullable:
                 cols.append(pa.nulls(table.num_rows, field.type))
                 fields.append(field)
                 continue
-            problems.add(None, field.name, f"missing required column (a {kind} table needs "
-                                           f"{[f.name for f in schema if not f.nullable]})")
+            missing.append(field.name)
             continue
         col = table.column(field.name)
         if col.type != field.type:
@@ -121,6 +120,9 @@ def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
                 continue
         cols.append(col)
         fields.append(field)
+    if missing:
+        raise InputError(f"missing required column{'s' if len(missing) > 1 else ''} {missing} (a {kind} table "
+                         f"has {table.column_names})", file=file, column=missing[0])
     problems.raise_if_any()
     declared = {f.name for f in schema}
     for name in table.column_names:
