@@ -206,17 +206,12 @@ def _rendered_prompts(enc: PieceEncoder, table: pa.Table) -> list[str]:
     return [enc.render_prompt(p, s, m) for p, s, m in zip(prompts, systems, messages)]
 
 
-def _split_prefixes(table: pa.Table, file: str | None) -> tuple[list[str], list[str], list[str]]:
-    """(prefix, chosen suffix, rejected suffix) per row; rows without a prefix get ''."""
-    prefixes = [p or "" for p in _optional_strings(table, "shared_prefix")]
-    chosen, rejected = table["chosen"].to_pylist(), table["rejected"].to_pylist()
-    for i, (p, c, r) in enumerate(zip(prefixes, chosen, rejected)):
-        for name, text in (("chosen", c), ("rejected", r)):
-            if not text.startswith(p):
-                raise InputError("shared_prefix is not a prefix of this completion", file=file, row=i,
-                                 column=name)
-    return prefixes, [c[len(p):] for p, c in zip(prefixes, chosen)], \
-        [r[len(p):] for p, r in zip(prefixes, rejected)]
+def _strip_prefix(prefixes: list[str], texts: list[str], file: str | None, column: str) -> list[str]:
+    """The part of each text after its shared prefix; a text that does not start with it is an input error."""
+    for i, (p, t) in enumerate(zip(prefixes, texts)):
+        if not t.startswith(p):
+            raise InputError("shared_prefix is not a prefix of this completion", file=file, row=i, column=column)
+    return [t[len(p):] for p, t in zip(prefixes, texts)]
 
 
 def _fit(prompt: list[int], comps: list[list[int]], cfg: TokenizeConfig, bos: int | None,
@@ -246,12 +241,30 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
     enc = PieceEncoder(tokenizer)
     prompts = enc.prompts(_rendered_prompts(enc, table))
     if cfg.prefix_as_prompt:
-        prefix_text, chosen_text, rejected_text = _split_prefixes(table, file)
+        prefix_text = [p or "" for p in table["shared_prefix"].to_pylist()]
+        chosen_text = _strip_prefix(prefix_text, table["chosen"].to_pylist(), file, "chosen")
+        rejected_text = _strip_prefix(prefix_text, table["rejected"].to_pylist(), file, "rejected")
         prompts = [p + x for p, x in zip(prompts, enc.prefixes(prefix_text))]
     else:
         chosen_text, rejected_text = table["chosen"].to_pylist(), table["rejected"].to_pylist()
     chosen, rejected = enc.completions(chosen_text), enc.completions(rejected_text)
     return _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc)
+
+
+def encode_sft(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:
+    """One completion per row: the `completion` column, else the pairs' `chosen` (groups of K=1)."""
+    target = "completion" if "completion" in table.column_names else "chosen"
+    if table.num_rows == 0:
+        raise InputError("empty table", file=file)
+    _require(table, ("prompt", target), {"prompt": "string", target: "string"}, file)
+    enc = PieceEncoder(tokenizer)
+    prompts = enc.prompts(_rendered_prompts(enc, table))
+    texts = table[target].to_pylist()
+    if cfg.prefix_as_prompt and "shared_prefix" in table.column_names:
+        prefixes = [p or "" for p in table["shared_prefix"].to_pylist()]
+        texts = _strip_prefix(prefixes, texts, file, target)
+        prompts = [a + b for a, b in zip(prompts, enc.prefixes(prefixes))]
+    return _assemble(table.num_rows, prompts, [[c] for c in enc.completions(texts)], None, cfg, enc)
 
 
 def encode_lists(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:

@@ -1,0 +1,93 @@
+"""`TrainConfig`: everything one training run needs, with documented defaults (a YAML file maps onto it)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import InputError
+from pipeline.train.data import TokenizeConfig
+from pipeline.train.losses import ListLossConfig, LossConfig
+
+
+class TrainConfig(BaseModel):
+    """One preference (or SFT) training run. Defaults follow TRL's DPOTrainer where it has one."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="policy: a local HF model folder or a built-in name (tiny-policy)")
+    ref_model: str | None = Field(None, description="reference model folder; None = the initial policy")
+    data: str = Field(..., description="pair or ranked-list table: .parquet, a folder of shards, or .jsonl")
+    data_kind: Literal["auto", "pairs", "lists"] = Field(
+        "auto", description="auto: a `responses` column means ranked lists, else pairs")
+    mode: Literal["preference", "sft"] = Field(
+        "preference", description="sft: token-mean NLL of prompt -> chosen (or `completion`) only; no reference")
+    output_dir: str = Field("runs/train", description="checkpoints, metrics.jsonl and the final model")
+
+    loss: LossConfig = Field(default_factory=LossConfig, description="pairwise loss (sigmoid DPO, beta 0.1)")
+    list_loss: ListLossConfig = Field(default_factory=ListLossConfig, description="ranked-list loss")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+
+    lr: float = Field(1e-6, gt=0, description="peak learning rate (TRL's default)")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="after warmup: linear or cosine decay to 0, or constant")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many optimizer steps")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, description="clip the global grad norm; None = no clipping")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    micro_batch: int = Field(4, ge=1, description="pairs (lists, sft rows) per forward")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    shuffle: bool = Field(True, description="shuffle groups every epoch (seeded)")
+    seed: int = Field(42)
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; weights and optimizer stay fp32")
+    head_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the fused LM head")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
+
+    ref_cache_dir: str | None = Field(None, description="reference log-prob cache; None = <data folder>/refcache")
+    ref_batch_size: int = Field(16, ge=1, description="groups per reference forward")
+
+    metrics_every: int = Field(1, ge=1, description="write a metrics.jsonl line every N optimizer steps")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (None = only at the end)")
+    save_final: bool = Field(True, description="save the final model + tokenizer into output_dir")
+    progress: bool = Field(True, description="show a progress bar")
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.mode == "sft" and self.data_kind == "lists":
+            raise ValueError("mode sft trains on pairs' chosen side or a completion column, not ranked lists")
+        return self
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config file; `overrides` (e.g. CLI options) win. Bad fields raise InputError naming them."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) if p.exists() else None
+    except yaml.YAMLError as e:
+        raise InputError(f"not valid YAML: {e}", file=str(p)) from e
+    if not p.exists():
+        raise InputError("no such config file", file=str(p))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError("a training config must be a mapping of fields", file=str(p))
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_config(raw, file=str(p))
+
+
+def parse_config(raw: dict, file: str | None = None) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or None
+        raise InputError(f"{err['msg']} ({len(e.errors())} problem(s) in the config)", file=file,
+                         column=field) from e

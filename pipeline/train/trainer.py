@@ -1,0 +1,324 @@
+"""The training loop: read one table, cache reference log-probs, then optimise (nanoGPT-style, one sitting).
+
+    output_dir/metrics.jsonl         one line per `metrics_every` steps, TRL's metric names
+    output_dir/checkpoint-<step>/    every `save_every` steps (model.safetensors + tokenizer + trainer_state.json)
+    output_dir/final/                the final model
+    output_dir/train_summary.json    config, data/truncation counts, reference cache, final metrics
+
+Per optimizer step: `grad_accum` micro-batches of `micro_batch` groups; each micro-batch is ONE forward over all
+its sequences ([chosen ; rejected], or the K responses of each list). Every loss term is a sum over the global
+batch divided by the global count (pairs, and chosen tokens for token-mean NLL), so 8 x 1 and 1 x 8 give the same
+gradients.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import Batch, Encoded, collate, encode_lists, encode_pairs, encode_sft, pad_id_of, \
+    read_table
+from pipeline.train.forward import row_logps
+from pipeline.train.losses import BATCH_COUPLED_TYPES, ListBatch, LossState, PairBatch, list_loss, pair_loss
+from pipeline.train.losses.types import REFERENCE_FREE_TYPES
+from pipeline.train.refcache import reference_logps, state_dict_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    output_dir: Path | None = None
+    ref_reused: bool | None = None
+    ref_forwards: int = 0
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for plain fp32)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import InputError
+        raise InputError("device cuda asked for but no CUDA device is available", column="device")
+    dev = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                       else "cpu")
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and dev.type == "cuda"):
+        return dev, torch.bfloat16
+    return dev, None
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * (1 - frac)
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models import resolve_model
+    folder = resolve_model(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    return model, tok, folder
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    # As TRL does: dropout makes the policy's step-1 log-probs differ from the cached (eval-mode) reference.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+class Trainer:
+    """Holds the model, the encoded data and the cached reference log-probs; `train()` runs the loop.
+
+    `model`/`tokenizer`/`ref_model` may be passed in (tests, notebooks); otherwise they load from cfg paths.
+    """
+
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, ref_model=None):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device, self.autocast = resolve_device(cfg)
+        self.model_folder = None
+        if model is None:
+            model, loaded_tok, self.model_folder = load_model_and_tokenizer(cfg, cfg.model)
+            tokenizer = tokenizer or loaded_tok
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed when the model is passed in")
+        self.model, self.tokenizer, self._ref_model = model, tokenizer, ref_model
+        self.pad_id = pad_id_of(tokenizer)
+        self.table = read_table(cfg.data)
+        self.kind = self._data_kind()
+        self.data = self._encode()
+        self.ref: np.ndarray | None = None  # [groups, K] float64, NaN where a list has fewer responses
+        self.ref_info: dict = {}
+        self.loss_state = LossState()
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _data_kind(self) -> str:
+        if self.cfg.mode == "sft":
+            return "sft"
+        if self.cfg.data_kind != "auto":
+            return self.cfg.data_kind
+        return "lists" if "responses" in self.table.column_names else "pairs"
+
+    def _encode(self) -> Encoded:
+        enc = {"pairs": encode_pairs, "lists": encode_lists, "sft": encode_sft}[self.kind]
+        data = enc(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data)
+        if len(data) == 0:
+            from pipeline.errors import InputError
+            raise InputError(f"no row fits max_length={self.cfg.tokenize.max_length}", file=self.cfg.data)
+        return data
+
+    def needs_reference(self) -> bool:
+        if self.kind == "sft":
+            return False
+        if self.kind == "lists":
+            return not self.cfg.list_loss.reference_free and self.cfg.list_loss.loss_type != "pro"
+        loss = self.cfg.loss
+        return not loss.reference_free and any(t not in REFERENCE_FREE_TYPES for t in loss.loss_types)
+
+    def _load_ref_model(self):
+        if self._ref_model is not None:
+            return self._ref_model.to(self.device)
+        if self.cfg.ref_model is not None:
+            ref, _, _ = load_model_and_tokenizer(self.cfg, self.cfg.ref_model)
+            return ref.to(self.device)
+        return self.model.to(self.device)  # the initial policy: called before any update
+
+    def _ref_weights_id(self) -> str:
+        from pipeline.models import resolve_model, weights_hash
+        if self._ref_model is not None:
+            return "sd:" + state_dict_hash(self._ref_model)
+        if self.cfg.ref_model is not None:
+            return "dir:" + weights_hash(resolve_model(self.cfg.ref_model))
+        if self.model_folder is not None:
+            return "dir:" + weights_hash(self.model_folder)
+        return "sd:" + state_dict_hash(self.model)
+
+    def prepare_reference(self) -> None:
+        if not self.needs_reference():
+            return
+        cache_dir = self.cfg.ref_cache_dir or str(Path(self.cfg.data).resolve().parent / "refcache")
+        kind = "pairs" if self.kind == "pairs" else "lists"
+        res = reference_logps(self._load_ref_model, self._ref_weights_id(), self.tokenizer, self.cfg.tokenize,
+                              self.table, self.data, kind, cache_dir, self.pad_id,
+                              batch_groups=self.cfg.ref_batch_size, device=self.device,
+                              autocast_dtype=self.autocast, chunk_tokens=self.cfg.head_chunk_tokens)
+        k = max(len(g) for g in res.per_group)
+        self.ref = np.full((len(res.per_group), k), np.nan)
+        for i, g in enumerate(res.per_group):
+            self.ref[i, :len(g)] = g
+        self.ref_info = {"path": str(res.path), "reused": res.reused, "forwards": res.forwards}
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def _group_tensor(self, batch: Batch, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values[batch.index.cpu().numpy()], dtype=torch.float32, device=self.device)
+
+    def micro_loss(self, batch: Batch, n_items: int, n_tokens: float) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch, already scaled so that summing over the accumulation window gives the
+        global-batch loss."""
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                            enabled=self.autocast is not None):
+            out = row_logps(self.model, batch, chunk_tokens=self.cfg.head_chunk_tokens)
+        pol, tok = batch.scatter(out.logps), batch.scatter(out.tokens.float())
+        ref = self._group_tensor(batch, self.ref) if self.ref is not None else None
+        if self.kind == "sft":
+            loss = -pol[:, 0].sum() / n_tokens
+            return loss, {"nll": loss.detach() * n_tokens / tok[:, 0].sum(), "logps/chosen": pol[:, 0].detach().mean()}
+        if self.kind == "pairs":
+            pb = PairBatch(pol[:, 0], pol[:, 1], ref[:, 0] if ref is not None else None,
+                           ref[:, 1] if ref is not None else None, tok[:, 0], tok[:, 1],
+                           label_confidence=self._label_confidence(batch))
+            return pair_loss(pb, self.cfg.loss, self.loss_state, num_items_in_global_batch=n_items,
+                             num_tokens_in_global_batch=n_tokens)
+        scores = torch.zeros_like(pol)
+        for b, gi in enumerate(batch.index.tolist()):
+            s = self.data.scores[gi]
+            scores[b, :len(s)] = torch.tensor(s, dtype=scores.dtype)
+        lb = ListBatch(pol, torch.nan_to_num(ref) if ref is not None else None, tok.clamp(min=1), scores,
+                       batch.slot_mask)
+        loss, metrics = list_loss(lb, self.cfg.list_loss)
+        return loss * (batch.num_groups / n_items), metrics  # list_loss is a mean over this micro-batch
+
+    def _label_confidence(self, batch: Batch) -> torch.Tensor | None:
+        if not self.cfg.loss.use_label_confidence or "label_confidence" not in self.table.column_names:
+            return None
+        col = self.table["label_confidence"].to_numpy(zero_copy_only=False).astype(np.float64)
+        return self._group_tensor(batch, np.nan_to_num(col[self.data.rows], nan=1.0))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _schedule(self) -> list[list[int]]:
+        """The global batches (lists of group indices) for the whole run."""
+        per_step = self.cfg.micro_batch * self.cfg.grad_accum
+        n = len(self.data)
+        steps_per_epoch = math.ceil(n / per_step)
+        total = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * steps_per_epoch))
+        rng = np.random.default_rng(self.cfg.seed)
+        batches: list[list[int]] = []
+        while len(batches) < total:
+            order = rng.permutation(n) if self.cfg.shuffle else np.arange(n)
+            batches += [order[s:s + per_step].tolist() for s in range(0, n, per_step)]
+        return batches[:total]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on norms and biases
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps,
+                                 foreach=self.device.type == "cuda")
+
+    def accumulate(self, groups: list[int]) -> dict:
+        """Forward + backward of one global batch, split into micro-batches; gradients add up in .grad."""
+        n_items = len(groups)
+        n_tokens = float(sum(len(self.data.completions[g][0]) for g in groups))
+        sums: dict[str, float] = {"loss": 0.0, "num_tokens": 0}
+        for s in range(0, n_items, self.cfg.micro_batch):
+            micro = groups[s:s + self.cfg.micro_batch]
+            batch = collate(self.data, micro, self.pad_id).to(self.device)
+            loss, metrics = self.micro_loss(batch, n_items, n_tokens)
+            loss.backward()
+            sums["num_tokens"] += batch.num_tokens()
+            sums["loss"] += float(loss.detach())
+            share = len(micro) / n_items  # metrics are means over the micro-batch
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * share
+        return sums
+
+    def step(self, groups: list[int], optimizer: torch.optim.Optimizer, lr: float) -> dict:
+        """One optimizer step over `groups`. Returns the step's metrics (grad_norm before clipping)."""
+        metrics = self.accumulate(groups)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.loss_state.on_optimizer_step()
+        metrics.update({"grad_norm": float(grad_norm), "learning_rate": lr})
+        return metrics
+
+    def setup(self) -> None:
+        """Reference log-probs first (the initial policy may be the reference), then the policy in train mode."""
+        self.prepare_reference()
+        self.model.to(self.device)
+        self.model.train()
+        disable_dropout(self.model)
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.setup()
+        if self.kind == "pairs" and cfg.grad_accum > 1 and set(cfg.loss.loss_types) & BATCH_COUPLED_TYPES:
+            log.warning("loss %s couples pairs within a batch: with grad_accum > 1 it sees micro-batches only",
+                        cfg.loss.loss_types)
+        schedule = self._schedule()
+        self.loss_state.max_steps = len(schedule)
+        optimizer = self._optimizer()
+        result = TrainResult(steps=len(schedule), output_dir=out, ref_reused=self.ref_info.get("reused"),
+                             ref_forwards=self.ref_info.get("forwards", 0))
+        per_epoch = math.ceil(len(self.data) / (cfg.micro_batch * cfg.grad_accum))
+        bar = _progress(len(schedule), cfg.progress)
+        with open(out / "metrics.jsonl", "w") as metrics_file:
+            for i, groups in enumerate(schedule):
+                t0 = time.perf_counter()
+                m = self.step(groups, optimizer, lr_at(i, cfg, len(schedule)))
+                dt = time.perf_counter() - t0
+                m = {"step": i + 1, "epoch": round((i + 1) / per_epoch, 4), **m,
+                     "tokens/s": m["num_tokens"] / max(dt, 1e-9)}
+                result.history.append(m)
+                if (i + 1) % cfg.metrics_every == 0 or i + 1 == len(schedule):
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('rewards/accuracies', 0):.2f}")
+                if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < len(schedule):
+                    save_checkpoint(self.model, self.tokenizer, out / f"checkpoint-{i + 1}", self._state(i + 1, m))
+        if bar is not None:
+            bar.close()
+        if cfg.save_final:
+            save_checkpoint(self.model, self.tokenizer, out / "final", self._state(len(schedule), result.history[-1]))
+        summary = {"config": cfg.model_dump(mode="json"), "kind": self.kind, "groups": len(self.data),
+                   "encode": self.data.stats.as_dict(), "reference": self.ref_info, "steps": len(schedule),
+                   "last": result.history[-1] if result.history else None}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        return result
+
+    def _state(self, step: int, last: dict) -> dict:
+        return {"step": step, "config": self.cfg.model_dump(mode="json"), "last_metrics": last}
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or os.environ.get("PREFPIPE_NO_PROGRESS"):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, **kwargs) -> TrainResult:
+    return Trainer(cfg, **kwargs).train()

@@ -1,0 +1,213 @@
+"""The training loop on a tiny random Llama: ln 2 at step 1, fused == plain head, 8x1 == 1x8, reference cache
+reuse, list and SFT modes, checkpoints and metrics, config errors."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["PREFPIPE_NO_PROGRESS"] = "1"
+
+from pipeline.errors import InputError  # noqa: E402
+from pipeline.train.config import TrainConfig, load_config, parse_config  # noqa: E402
+from pipeline.train.data import collate  # noqa: E402
+from pipeline.train.forward import row_logps  # noqa: E402
+from pipeline.train.losses import LossConfig, PairBatch, pair_loss  # noqa: E402
+from pipeline.train.tiny import char_tokenizer, tiny_llama  # noqa: E402
+from pipeline.train.trainer import Trainer  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _pair_table(n=16):
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(n):
+        a, b = 3 + 7 * i, 11 + i
+        rows["prompt"].append(f"What is {a}+{b}?" + " Think." * (i % 3))
+        rows["chosen"].append(f"Step 1: {a}+{b}={a + b}\nAnswer: {a + b}")
+        rows["rejected"].append(f"Step 1: {a}+{b}={a + b + 1 + i % 2}\nAnswer: {a + b + 1}")
+    return pa.table(rows)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), seed=0)
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(_pair_table(), path)
+    return tok, model, path
+
+
+def _cfg(path, tmp_path, **kw):
+    base = dict(model="in-memory", data=str(path), output_dir=str(tmp_path / "out"), lr=1e-3, device="cpu",
+                save_final=False, progress=False, ref_cache_dir=str(tmp_path / "cache"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_step1_sigmoid_loss_is_ln2(setup, tmp_path):
+    tok, model, path = setup
+    res = Trainer(_cfg(path, tmp_path, micro_batch=4, grad_accum=2, max_steps=2), model=model,
+                  tokenizer=tok).train()
+    first = res.history[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    assert abs(first["rewards/margins"]) < 1e-6 and abs(first["rewards/chosen"]) < 1e-6
+    assert first["rewards/accuracies"] == 0.0  # no pair has chosen reward strictly above rejected
+    # the update moved the policy: step 2 no longer sits at ln 2
+    assert abs(res.history[1]["loss"] - math.log(2)) > 1e-5
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens/s"):
+        assert name in lines[0], name
+    assert lines[0]["learning_rate"] == pytest.approx(1e-3) and lines[1]["learning_rate"] == pytest.approx(5e-4)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_head_equals_plain_head_in_the_model(setup):
+    tok, model, path = setup
+    from pipeline.train.data import TokenizeConfig, encode_pairs
+    data = encode_pairs(_pair_table(), tok, TokenizeConfig())
+    batch = collate(data, list(range(6)), pad_id=0)
+    ref = torch.randn(6, 2, generator=torch.Generator().manual_seed(1)) - 60.0
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = row_logps(model, batch, chunk_tokens=17, fused=fused)
+        pol, n = batch.scatter(out.logps), batch.scatter(out.tokens.float())
+        loss, _ = pair_loss(PairBatch(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], n[:, 0], n[:, 1]),
+                            LossConfig(rpo_alpha=1.0))
+        loss.backward()
+        results.append((loss.item(), out.logps.detach(), _grads(model)))
+    (l1, p1, g1), (l2, p2, g2) = results
+    assert abs(l1 - l2) <= 1e-5
+    assert (p1 - p2).abs().max().item() <= 1e-5 * max(1.0, p2.abs().max().item())
+    assert g1.keys() == g2.keys() and len(g1) == len(list(model.parameters()))
+    worst = max((g1[k] - g2[k]).abs().max().item() for k in g1)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("loss", [{}, {"rpo_alpha": 1.0}])
+def test_grad_accumulation_8x1_equals_1x8(setup, tmp_path, loss):
+    tok, model, path = setup
+    trainers = []
+    for micro, accum in ((8, 1), (1, 8)):
+        t = Trainer(_cfg(path, tmp_path, micro_batch=micro, grad_accum=accum, loss=LossConfig(**loss)),
+                    model=copy.deepcopy(model), tokenizer=tok)
+        t.setup()
+        trainers.append(t)
+    groups = list(range(8))
+    metrics = [t.accumulate(groups) for t in trainers]
+    assert abs(metrics[0]["loss"] - metrics[1]["loss"]) <= 1e-6
+    assert abs(metrics[0]["logps/chosen"] - metrics[1]["logps/chosen"]) <= 1e-4
+    ga, gb = _grads(trainers[0].model), _grads(trainers[1].model)
+    assert len(ga) == len(list(model.parameters()))
+    worst = max((ga[k] - gb[k]).abs().max().item() for k in ga)
+    assert worst <= 1e-5, worst
+    assert max(g.abs().max().item() for g in ga.values()) > 1e-2  # not two zero gradients
+    # One optimizer step. SGD with lr 1 makes the parameter difference exactly the gradient difference; Adam's
+    # first step is lr*g/(|g|+eps), which turns 1e-9 noise on a ~0 gradient into an lr-sized step.
+    for t in trainers:
+        torch.optim.SGD(t.model.parameters(), lr=1.0).step()
+    pa_, pb_ = dict(trainers[0].model.named_parameters()), dict(trainers[1].model.named_parameters())
+    assert max((pa_[k] - pb_[k]).abs().max().item() for k in pa_) <= 1e-5
+    assert max((pa_[k] - p).abs().max().item() for k, p in model.named_parameters()) > 1e-2
+
+
+def test_reference_cache_reused_across_runs(setup, tmp_path):
+    tok, model, path = setup
+    calls = {"n": 0}
+
+    def counting(ref):
+        # the trainer runs the transformer body and its own head, so count forwards of the body
+        ref.model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        return ref
+
+    ref = counting(copy.deepcopy(model))
+    cfg = _cfg(path, tmp_path, micro_batch=4, max_steps=1, ref_batch_size=5)
+    r1 = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok, ref_model=ref).train()
+    assert calls["n"] == 4 and r1.ref_forwards == 4 and r1.ref_reused is False  # 16 pairs / 5 per forward
+    cached = pq.read_table(next((tmp_path / "cache").glob("ref-*.parquet")))
+    assert cached.num_rows == 16 and cached["ref_chosen_logp"].type == pa.float64()
+    assert cached["prompt"].to_pylist() == _pair_table()["prompt"].to_pylist()
+    r2 = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok, ref_model=ref).train()
+    assert calls["n"] == 4 and r2.ref_forwards == 0 and r2.ref_reused is True
+    assert r2.history[0]["loss"] == pytest.approx(r1.history[0]["loss"], abs=1e-7)
+    # a different tokenization is a different cache entry
+    cfg3 = _cfg(path, tmp_path, micro_batch=4, max_steps=1, ref_batch_size=5, tokenize={"max_length": 40})
+    r3 = Trainer(cfg3, model=copy.deepcopy(model), tokenizer=tok, ref_model=ref).train()
+    assert r3.ref_reused is False and calls["n"] == 8
+    # the cached values are what a fresh no-grad pass computes
+    from pipeline.train.refcache import compute_ref_logps
+    fresh, _ = compute_ref_logps(ref, Trainer(cfg, model=model, tokenizer=tok).data, pad_id=0, batch_groups=16)
+    got = list(zip(cached["ref_chosen_logp"].to_pylist(), cached["ref_rejected_logp"].to_pylist()))
+    assert max(abs(a - b) for g, f in zip(got, fresh) for a, b in zip(g, f)) < 1e-4
+
+
+def test_list_training_step1_is_log_k_factorial(tmp_path):
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), seed=1)
+    path = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"prompt": ["1+1?", "2+2?", "3+3?"],
+                             "responses": [["2", "3", "11"], ["4", "5", "22"], ["6", "7", "33"]],
+                             "scores": [[1.0, 0.5, 0.0], [1.0, 0.5, 0.0], [1.0, 0.0, 0.5]]}), path)
+    res = Trainer(_cfg(path, tmp_path, micro_batch=2, max_steps=2), model=model, tokenizer=tok).train()
+    assert abs(res.history[0]["loss"] - math.log(6)) < 1e-6  # Plackett-Luce with all log-ratios 0: log 3!
+    assert res.history[1]["loss"] != pytest.approx(math.log(6), abs=1e-6)
+
+
+def test_sft_mode_loss_is_token_mean_nll(setup, tmp_path):
+    tok, model, path = setup
+    cfg = _cfg(path, tmp_path, mode="sft", micro_batch=2, grad_accum=2, max_steps=1, shuffle=False)
+    t = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok)
+    from pipeline.train.data import TokenizeConfig, encode_pairs
+    data = encode_pairs(_pair_table(), tok, TokenizeConfig())
+    with torch.no_grad():
+        out = row_logps(model, collate(data, [0, 1, 2, 3], 0))
+    expected = -out.logps[:4].sum().item() / out.tokens[:4].sum().item()
+    res = t.train()
+    assert res.history[0]["loss"] == pytest.approx(expected, abs=1e-5)
+    assert t.ref is None and res.ref_forwards == 0
+
+
+def test_checkpoint_roundtrip(setup, tmp_path):
+    tok, model, path = setup
+    cfg = _cfg(path, tmp_path, micro_batch=8, max_steps=2, save_every=1, save_final=True)
+    t = Trainer(cfg, model=model, tokenizer=tok)
+    t.train()
+    out = tmp_path / "out"
+    assert (out / "checkpoint-1" / "model.safetensors").exists()
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "tokenizer.json").exists()
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 2
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    for (n, a), b in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(a.detach(), b.detach()), n
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["groups"] == 16 and summary["encode"]["rows_dropped"] == 0
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("model: m\ndata: d\nlr: -1\n")
+    with pytest.raises(InputError, match=r"column 'lr'"):
+        load_config(bad)
+    bad.write_text("model: m\ndata: d\nloss: {loss_type: nope}\n")
+    with pytest.raises(InputError, match=r"column 'loss"):
+        load_config(bad)
+    bad.write_text("model: m\ndata: d\nbogus: 1\n")
+    with pytest.raises(InputError, match=r"column 'bogus'"):
+        load_config(bad)
+    with pytest.raises(InputError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")
+    assert parse_config({"model": "m", "data": "d"}).loss.beta == 0.1
