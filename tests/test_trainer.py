@@ -211,3 +211,49 @@ def test_config_errors(tmp_path):
     with pytest.raises(InputError, match="no such config"):
         load_config(tmp_path / "missing.yaml")
     assert parse_config({"model": "m", "data": "d"}).loss.beta == 0.1
+
+
+def _run_cli(argv, monkeypatch, capsys):
+    import sys
+
+    from pipeline.cli import main
+    monkeypatch.setattr(sys, "argv", ["prefpipe", *argv])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def test_cli_train_from_yaml_and_options(setup, tmp_path, monkeypatch, capsys):
+    tok, model, path = setup
+    model_dir = tmp_path / "policy"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {model_dir}\ndata: {path}\noutput_dir: {tmp_path / 'run'}\nmicro_batch: 4\n"
+                   f"loss: {{beta: 0.2}}\nref_cache_dir: {tmp_path / 'rc'}\n")
+    code, out = _run_cli(["train", str(cfg), "--max-steps", "2", "--rpo-alpha", "1.0", "--no-progress",
+                          "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0, out.err
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["reference_cache_reused"] is False
+    saved = json.loads((tmp_path / "run" / "train_summary.json").read_text())["config"]
+    assert saved["loss"]["beta"] == 0.2 and saved["loss"]["rpo_alpha"] == 1.0 and saved["max_steps"] == 2
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_input_errors_exit_2(setup, tmp_path, monkeypatch, capsys):
+    tok, model, path = setup
+    code, out = _run_cli(["train", "--model", "x", "--data", str(path), "--micro-batch", "0"], monkeypatch, capsys)
+    assert code == 2 and "column 'micro_batch'" in out.err
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "chosen": ["b"]}), bad)
+    model_dir = tmp_path / "policy"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    code, out = _run_cli(["train", "--model", str(model_dir), "--data", str(bad), "-o", str(tmp_path / "o")],
+                         monkeypatch, capsys)
+    assert code == 2 and f"file {bad}" in out.err and "column 'rejected'" in out.err

@@ -66,21 +66,30 @@ class TrainConfig(BaseModel):
         return self
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML config file; `overrides` (e.g. CLI options) win. Bad fields raise InputError naming them."""
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text()) if p.exists() else None
-    except yaml.YAMLError as e:
-        raise InputError(f"not valid YAML: {e}", file=str(p)) from e
-    if not p.exists():
-        raise InputError("no such config file", file=str(p))
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise InputError("a training config must be a mapping of fields", file=str(p))
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return parse_config(raw, file=str(p))
+def merge(base: dict, over: dict) -> dict:
+    """`over` wins, recursively for nested sections (loss, tokenize, ...)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config file (or none); `overrides` (e.g. CLI options, nested dicts) win. Bad fields raise
+    InputError naming the field."""
+    raw: dict = {}
+    file = str(path) if path is not None else None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError("no such config file", file=file)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"not valid YAML: {e}", file=file) from e
+        if not isinstance(raw, dict):
+            raise InputError("a training config must be a mapping of fields", file=file)
+    return parse_config(merge(raw, overrides or {}), file=file)
 
 
 def parse_config(raw: dict, file: str | None = None) -> TrainConfig:
