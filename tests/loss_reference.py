@@ -304,7 +304,8 @@ def step_scores_ref(rho: list, hidden: list, mask: list, ref_index: int = 0) -> 
                 if not mask[b][n][k]:
                     continue
                 u, v = hidden[b][n][k], hidden[b][ref_index][k]
-                cos = sum(a * w for a, w in zip(u, v)) / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(w * w for w in v)))
+                norm = math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(w * w for w in v))
+                cos = sum(a * w for a, w in zip(u, v)) / norm
                 num += (1 + cos) * rho[b][n][k]
                 den += 1 + cos
             row.append(num / den)

@@ -171,6 +171,35 @@ def test_orpo_stable_near_zero_average_logp():
     check_against_reference(t, LossConfig(loss_type="orpo"))
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "discopop", "nca_pair"])
+def test_extreme_log_ratios_stay_finite(kind, loss_type):
+    # Δ of ±500 nats: e^(-Δ) and the alpha transform overflow fp32 unless capped (TRL's finiteness check).
+    t = make_pairs(4, seed=37)
+    t["rc"] = t["pc"] + torch.tensor([500.0, -500.0, 300.0, -2000.0])
+    t["rr"] = t["pr"] + torch.tensor([-500.0, 500.0, -300.0, 2000.0])
+    pc = t["pc"].clone().requires_grad_(True)
+    loss, _ = pair_loss(to_batch({**t, "pc": pc}), LossConfig(loss_type=loss_type, f_divergence_type=kind))
+    (grad,) = torch.autograd.grad(loss, pc)
+    assert math.isfinite(loss.item()) and torch.isfinite(grad).all()
+
+
+def test_alpha_divergence_coefficient_one_is_rejected():
+    with pytest.raises(InputError, match="reverse_kl"):
+        pair_loss(to_batch(make_pairs(1, seed=38)),
+                  LossConfig(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0))
+
+
+def test_half_precision_inputs_are_computed_in_fp32():
+    t = make_pairs(7, seed=39)
+    half = {k: v.to(torch.bfloat16) for k, v in t.items()}
+    rounded = {k: v.float() for k, v in half.items()}
+    loss_half, metrics = pair_loss(to_batch(half), LossConfig(loss_type=["sigmoid", "sft"]))
+    loss_fp32, _ = pair_loss(to_batch(rounded), LossConfig(loss_type=["sigmoid", "sft"]))
+    assert loss_half.dtype == torch.float32 and loss_half.item() == loss_fp32.item()
+    assert metrics["rewards/chosen"].dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------------- RPO / NLL terms
 
 @pytest.mark.parametrize("form", ["average", "cumulative"])

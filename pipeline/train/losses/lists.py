@@ -110,7 +110,7 @@ def tpo(batch: ListBatch, cfg: ListLossConfig) -> Tensor:
     (adaptive step reward), else the per-token mean log-ratio."""
     if batch.response_scores is not None:
         dtype = torch.float64 if batch.response_scores.dtype == torch.float64 else torch.float32
-        s = torch.where(batch.mask, batch.response_scores.to(dtype), torch.zeros((), dtype=dtype))
+        s = batch.response_scores.to(dtype).masked_fill(~batch.mask, 0.0)
     else:
         s = _log_ratio(batch, cfg, length_normalize=True)
     labels = _labels(batch, s.dtype)
@@ -120,29 +120,32 @@ def tpo(batch: ListBatch, cfg: ListLossConfig) -> Tensor:
     return lambda_pair_loss(cfg.beta * s, labels, batch.mask, cfg)
 
 
+def _pro_temperatures(rewards: Tensor, later: Tensor) -> Tensor:
+    """[B, k, i] multipliers: T_ki = r_k - r_i for valid i > k, T_kk = max_{i>k} T_ki, 0 elsewhere."""
+    gaps = torch.where(later, rewards[:, :, None] - rewards[:, None, :], torch.zeros_like(later, dtype=rewards.dtype))
+    own = torch.where(later, gaps, torch.full_like(gaps, NEG_INF)).max(dim=2).values
+    own = torch.where(later.any(dim=2), own, torch.zeros_like(own))  # rows without successors take no part
+    return gaps + torch.diag_embed(own)
+
+
 def pro(batch: ListBatch, cfg: ListLossConfig) -> Tensor:
     """PRO (DAMO-ConvAI code): Σ_k -log[e^{s_k T_kk} / Σ_{i>=k} e^{s_i T_ki}] + w_sft·(n-1)²·NLL(y_1), with
     s = length-normalised policy log-prob (no reference), T_ki = r_k - r_i, T_kk = max_{i>k} T_ki."""
     dtype = batch.policy_logps.dtype if batch.policy_logps.dtype == torch.float64 else torch.float32
-    s = torch.where(batch.mask, batch.policy_logps.to(dtype) / batch.tokens.to(dtype), torch.zeros((), dtype=dtype))
+    s = (batch.policy_logps.to(dtype) / batch.tokens.to(dtype)).masked_fill(~batch.mask, 0.0)
     rewards = _labels(batch, dtype)
     s, rewards, mask, summed = _sort_by_label(batch, s, rewards, batch.mask, batch.policy_logps.to(dtype))
     k_size = s.shape[1]
     later = torch.triu(torch.ones(k_size, k_size, dtype=torch.bool, device=s.device), diagonal=1)
     later = later[None] & mask[:, None, :] & mask[:, :, None]        # [B, k, i]: i > k, both valid
     if cfg.pro_reward_temperature:
-        gaps = torch.where(later, rewards[:, :, None] - rewards[:, None, :], torch.full_like(later, NEG_INF, dtype=dtype))
-        temp_self = gaps.max(dim=2).values                               # -inf where k has no valid successor
-        temps = torch.where(later, gaps, torch.zeros_like(gaps))
-        temps = temps + torch.diag_embed(torch.where(torch.isfinite(temp_self), temp_self, torch.zeros_like(temp_self)))
+        temps = _pro_temperatures(rewards, later)
     else:
         temps = torch.ones(s.shape[0], k_size, k_size, dtype=dtype, device=s.device)
     in_term = later | torch.eye(k_size, dtype=torch.bool, device=s.device)[None]
     logits = torch.where(in_term, s[:, None, :] * temps, torch.full_like(temps, NEG_INF))
-    log_norm = torch.logsumexp(logits, dim=2)
     own = torch.diagonal(logits, dim1=1, dim2=2)
-    has_successor = later.any(dim=2)
-    ranking = torch.where(has_successor, log_norm - own, torch.zeros_like(own)).sum(1)
+    ranking = torch.where(later.any(dim=2), torch.logsumexp(logits, dim=2) - own, torch.zeros_like(own)).sum(1)
     n = mask.sum(1).to(dtype)
     return ranking + cfg.pro_sft_weight * (n - 1.0) ** 2 * (-summed[:, 0])
 
@@ -180,7 +183,7 @@ def tpo_step_scores(step_logratio_means: Tensor, step_hidden_means: Tensor, step
     with torch.no_grad():
         reference = step_hidden_means[:, reference_index: reference_index + 1]
         weights = 1.0 + F.cosine_similarity(step_hidden_means, reference.expand_as(step_hidden_means), dim=-1)
-        weights = torch.where(step_mask, weights.to(step_logratio_means.dtype), torch.zeros((), dtype=step_logratio_means.dtype))
+        weights = weights.to(step_logratio_means.dtype).masked_fill(~step_mask, 0.0)
     numerator = torch.where(step_mask, weights * step_logratio_means, torch.zeros_like(step_logratio_means)).sum(-1)
     # Opposite-direction steps have weight 0; the clamp keeps an all-zero row finite (its score is then 0).
     return numerator / weights.sum(-1).clamp(min=1e-12)

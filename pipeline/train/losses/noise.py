@@ -65,7 +65,8 @@ def distill(m: Margins, cfg: LossConfig, state: LossState, update: bool,
     alpha = spa_alpha(cfg, state)
     confident = (z > state.spa_threshold).to(h.dtype)
     losses = -(1.0 - alpha + alpha * confident) * F.logsigmoid(h) - alpha * (1.0 - confident) * F.logsigmoid(-h)
-    metrics = {"spa/threshold": torch.tensor(state.spa_threshold), "spa/alpha": torch.tensor(alpha),
+    metrics = {"spa/threshold": torch.tensor(state.spa_threshold, device=h.device),
+               "spa/alpha": torch.tensor(alpha, device=h.device),
                "spa/confident": confident.mean().detach()}
     if update:
         window = _spa_window(state, cfg)
@@ -79,7 +80,8 @@ LCPO_MAX_NOISE = 0.49
 
 
 def lcpo_weights(base: Tensor, flipped: Tensor, noise: float) -> Tensor:
-    """E-step: posterior that the label is right, with p(h) = e^-ℓ(h) / (e^-ℓ(h) + e^-ℓ(-h)) = σ(ℓ(-h) - ℓ(h))."""
+    """E-step: posterior that the label is right, with p(h) = e^-ℓ(h) / (e^-ℓ(h) + e^-ℓ(-h))
+    = σ(ℓ(-h) - ℓ(h))."""
     with torch.no_grad():
         p = torch.sigmoid(flipped - base)
         right = (1.0 - noise) * p
@@ -102,4 +104,6 @@ def lcpo(formulas: list[PairFormula], m: Margins, cfg: LossConfig, state: LossSt
         target = 1.0 - sum(mean_weights) / len(mean_weights)
         # Kept below 1/2: past it the E-step would call the majority of labels wrong and flip the objective.
         state.lcpo_noise = min(max((1.0 - cfg.lcpo_momentum) * noise + cfg.lcpo_momentum * target, 0.0), LCPO_MAX_NOISE)
-    return out, {"lcpo/noise": torch.tensor(noise), "lcpo/weight": torch.tensor(sum(mean_weights) / len(mean_weights))}
+    device = m.policy_chosen.device
+    return out, {"lcpo/noise": torch.tensor(noise, device=device),
+                 "lcpo/weight": torch.tensor(sum(mean_weights) / len(mean_weights), device=device)}

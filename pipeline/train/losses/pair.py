@@ -66,7 +66,8 @@ def _nll_coefficient(cfg: LossConfig) -> float:
     return coef
 
 
-def _metrics(m: Margins, batch: PairBatch, cfg: LossConfig, losses: dict[str, Tensor], nll: Tensor) -> dict[str, Tensor]:
+def _metrics(m: Margins, batch: PairBatch, cfg: LossConfig, losses: dict[str, Tensor],
+             nll: Tensor) -> dict[str, Tensor]:
     with torch.no_grad():
         chosen, rejected = cfg.beta * m.delta_chosen, cfg.beta * m.delta_rejected
         out = {
