@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas import conform
+from schemas import SCHEMAS, conform
 from schemas.errors import InputError, PrefpipeError
 
 MANIFEST = "manifest.json"
@@ -197,10 +197,11 @@ class StageStore:
         kind = self.kind(output)
         files = self.files(output)
         if not files:
-            from schemas import schema_for
-            return schema_for(kind).empty_table()
+            return SCHEMAS[kind].empty_table() if kind in SCHEMAS else pa.table({})
         table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
-        return table if columns else conform(table, kind, file=str(self.dir))
+        if columns or kind not in SCHEMAS:  # "raw": a table with no declared schema
+            return table
+        return conform(table, kind, file=str(self.dir))
 
     def iter_batches(self, output: str = "main", *, batch_size: int = 65536,
                      columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:

@@ -1,6 +1,7 @@
 """Trainer data: tokenization once per piece, no doubled BOS/EOS, prefix-as-prompt, truncation, collation."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -185,7 +186,9 @@ def test_read_table_folder_keeps_ok_rows(tmp_path):
                   "status": ["ok", "failed", "ok"]})
     pq.write_table(t.slice(0, 2), tmp_path / "part-00000.parquet")
     pq.write_table(t.slice(2), tmp_path / "part-00001.parquet")
-    (tmp_path / "manifest.json").write_text("{}")
+    pq.write_table(t.slice(2), tmp_path / "part-00002.parquet")  # an orphan shard no manifest lists
+    shards = {str(i): {"files": {"main": f"part-{i:05d}.parquet"}, "rows": {"main": 1}} for i in range(2)}
+    (tmp_path / "manifest.json").write_text(json.dumps({"outputs": {"main": "raw"}, "shards": shards}))
     got = read_table(tmp_path)
     assert got["prompt"].to_pylist() == ["a", "c"]
     with pytest.raises(InputError, match="no such file"):

@@ -48,11 +48,16 @@ class TokenizeConfig(BaseModel):
 
 def read_table(path: str | Path) -> pa.Table:
     """A parquet file, a folder of parquet shards (a store stage folder), or a JSONL file."""
-    p = Path(path)
+    p, output = Path(path), "main"
+    if not p.exists() and "@" in p.name:  # runs/<run>/<stage>@lists reads that stage's `lists` output
+        p, output = p.parent / p.name.split("@")[0], p.name.split("@")[1]
     if not p.exists():
-        raise InputError("no such file or folder", file=str(p))
+        raise InputError("no such file or folder", file=str(path))
     try:
-        if p.is_dir():
+        if (p / "manifest.json").exists():  # a run-store stage folder: read exactly the shards it lists
+            from pipeline.store import StageStore
+            table = StageStore(p.parent, p.name).read(output)
+        elif p.is_dir():
             shards = sorted(p.glob("*.parquet"))
             if not shards:
                 raise InputError("folder has no .parquet files", file=str(p))
