@@ -260,8 +260,8 @@ def add_token_logps(t: dict, seed: int) -> dict:
         raw = -torch.rand(len(t[key]), width, generator=g) * 2.0
         inside = torch.arange(width)[None, :] < t[length][:, None]
         out[key] = (raw * inside).sum(1)
-        # Padding positions hold garbage: LD-DPO must mask them by length, not trust zeros.
-        out[key + "_tok"] = torch.where(inside, raw, torch.full_like(raw, -7.0))
+        # Padding positions hold NaN: LD-DPO must mask them by length, not trust zeros.
+        out[key + "_tok"] = torch.where(inside, raw, torch.full_like(raw, float("nan")))
     return out
 
 
@@ -388,6 +388,12 @@ def test_accumulating_8x1_equals_1x8(loss_type):
         total += loss.item()
     assert abs(total - full.item()) <= TOL
     assert torch.allclose(pc_acc.grad, g_full, atol=TOL, rtol=0)
+
+
+def test_batch_coupling_is_reported():
+    assert LossConfig(loss_type=["sigmoid", "sft"], rpo_alpha=1.0).batch_coupled() == []
+    assert LossConfig(loss_type=["aot", "bco_pair", "ipo"]).batch_coupled() == ["aot", "bco_pair"]
+    assert LossConfig(lcpo_mode="em_full").batch_coupled() == ["lcpo_mode=em_full"]
 
 
 def test_reductions_agree():

@@ -92,7 +92,9 @@ def length_desensitized(token_logps: Tensor, lengths: Tensor, shared: Tensor, al
     positions = torch.arange(token_logps.shape[-1], device=token_logps.device)
     inside = positions[None, :] < lengths[:, None]
     weight = torch.where(positions[None, :] < shared[:, None], 1.0, alpha)
-    return (token_logps * weight * inside).sum(-1)
+    # where, not a multiply by the mask: padding may hold NaN/inf, and 0·NaN would poison the sum.
+    weighted = torch.where(inside, token_logps * weight, torch.zeros_like(token_logps))
+    return weighted.sum(-1)
 
 
 def _needs_reference(cfg: LossConfig) -> bool:
@@ -113,7 +115,8 @@ def _ld_logps(batch: PairBatch, cfg: LossConfig, ref: tuple[Tensor, Tensor],
 
     policy = weighted(batch.policy_chosen_token_logps, batch.policy_rejected_token_logps, "policy")
     if cfg.ld_on_reference and _needs_reference(cfg):
-        ref = weighted(batch.ref_chosen_token_logps, batch.ref_rejected_token_logps, "ref")
+        ref_c, ref_r = weighted(batch.ref_chosen_token_logps, batch.ref_rejected_token_logps, "ref")
+        ref = (ref_c.detach(), ref_r.detach())
     return policy, ref
 
 

@@ -46,7 +46,7 @@ class PairBatch:
     chosen_tokens: Tensor
     rejected_tokens: Tensor
     weights: Tensor | None = None
-    """Per-pair weight multiplying the preference terms (not the NLL/SFT terms)."""
+    """Per-pair weight multiplying the preference terms (not the NLL/SFT or rationale terms)."""
     label_confidence: Tensor | None = None
     """P(label correct) in [0, 1] (stage 6's `label_confidence`); used as a per-pair soft label by `sigmoid`
     when `LossConfig.use_label_confidence` is on."""
@@ -141,6 +141,11 @@ class LossConfig(BaseModel):
     @property
     def weights(self) -> list[float]:
         return list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss_types)
+
+    def batch_coupled(self) -> list[str]:
+        """What makes this config differ between 8 micro-batches of 1 and one batch of 8 (empty: nothing)."""
+        coupled = [t for t in self.loss_types if t in BATCH_COUPLED_TYPES]
+        return coupled + ([f"lcpo_mode={self.lcpo_mode}"] if self.lcpo_mode is not None else [])
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
