@@ -53,6 +53,7 @@ class Completion(BaseModel):
     token_ids: list[int] = Field(default_factory=list)
     n_tokens: int = 0
     finish_reason: FinishReason
+    stop_str: str | None = Field(None, description="The stop string that ended the sample, if one did.")
 
 
 class LogprobResult(BaseModel):
@@ -107,8 +108,8 @@ def resolve_n(sampling: SamplingParams, n: int | None) -> int:
     return n
 
 
-def cut_at_stop(text: str, stop: list[str], include_stop: bool) -> tuple[str, bool]:
-    """Cut `text` at the earliest stop string. Returns (text, whether a stop string was found)."""
+def cut_at_stop(text: str, stop: list[str], include_stop: bool) -> tuple[str, str | None]:
+    """Cut `text` at the earliest stop string. Returns (text, the stop string found or None)."""
     best = -1
     best_len = 0
     for s in stop:
@@ -116,5 +117,6 @@ def cut_at_stop(text: str, stop: list[str], include_stop: bool) -> tuple[str, bo
         if i != -1 and (best == -1 or i < best):
             best, best_len = i, len(s)
     if best == -1:
-        return text, False
-    return text[: best + best_len] if include_stop else text[:best], True
+        return text, None
+    hit = text[best:best + best_len]
+    return text[: best + best_len] if include_stop else text[:best], hit

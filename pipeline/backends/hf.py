@@ -75,6 +75,7 @@ class _Rows:
         self.ids: list[list[int]] = [[] for _ in range(count)]
         self.finish: list[str | None] = [None] * count
         self.text: list[str | None] = [None] * count
+        self.stop_str: list[str | None] = [None] * count
         self.tok, self.sp, self.eos = tokenizer, sp, eos
 
     def push(self, row: int, token: int) -> bool:
@@ -85,8 +86,8 @@ class _Rows:
             return True
         if self.sp.stop:
             text, hit = cut_at_stop(self.decode(row), self.sp.stop, self.sp.include_stop)
-            if hit:
-                self.finish[row], self.text[row] = "stop", text
+            if hit is not None:
+                self.finish[row], self.text[row], self.stop_str[row] = "stop", text, hit
                 return True
         if len(self.ids[row]) >= self.sp.max_tokens:
             self.finish[row] = "length"
@@ -98,7 +99,8 @@ class _Rows:
 
     def completions(self) -> list[Completion]:
         return [Completion(text=self.text[r] if self.text[r] is not None else self.decode(r),
-                           token_ids=self.ids[r], n_tokens=len(self.ids[r]), finish_reason=self.finish[r])
+                           token_ids=self.ids[r], n_tokens=len(self.ids[r]), finish_reason=self.finish[r],
+                           stop_str=self.stop_str[r])
                 for r in range(len(self.ids))]
 
 

@@ -66,7 +66,7 @@ class VLLMBackend(TokenizedBackend):
         from vllm import SamplingParams as VSP
 
         return VSP(n=n, temperature=sp.temperature, top_p=sp.top_p,
-                   top_k=sp.top_k if sp.top_k_enabled else -1 if sp.top_k == 0 else sp.top_k,
+                   top_k=sp.top_k if sp.top_k_enabled else -1,
                    max_tokens=sp.max_tokens, stop=list(sp.stop) or None,
                    include_stop_str_in_output=sp.include_stop, seed=sp.seed, skip_special_tokens=True)
 
@@ -115,4 +115,5 @@ def _completion(o) -> Completion:
     else:
         reason = "eos"
     ids = list(o.token_ids)
-    return Completion(text=o.text, token_ids=ids, n_tokens=len(ids), finish_reason=reason)
+    return Completion(text=o.text, token_ids=ids, n_tokens=len(ids), finish_reason=reason,
+                      stop_str=o.stop_reason if reason == "stop" else None)
