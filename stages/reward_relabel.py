@@ -1,0 +1,371 @@
+"""Stage 3: reward-augmented relabeling (stages.md §3; reference: shenao-zhang/reward-augmented-preference).
+
+Every kept input pair becomes exactly two goal-conditioned rows:
+
+    (a) system = T(chosen_score):   chosen = y_w, rejected = y_l                 (goal_side "chosen")
+    (b) system = T(rejected_score): chosen = y_l, rejected = y_w  (flipped)      (goal_side "rejected")
+
+Conditioned on the lower target score the originally rejected response is the better match, so (b) flips the
+labels. T is the reference template (`RA_TEMPLATE`); integer scores print without a decimal. With
+`system_mode="prepend"` (the reference's `_nosys` variant, for chat templates without a system role) the template
+plus a blank line is put in front of the user prompt instead.
+
+Dropped pairs are not lost: they come out as `status="filtered"` rows with the reason in `error` (ties, the
+fine-score filter, non-ok input rows), so the run summary counts them. Ties are dropped by default because their
+two rows carry the same system prompt with opposite labels (the reference code keeps them: `drop_score_ties=False`).
+
+Scores come from a pluggable `score_source`:
+- `columns`  the input's `chosen_score`/`rejected_score` (e.g. UltraFeedback overall scores, 1-10); no model.
+- `verifier` the bundled task's verifier on each response (`meta` column): `verifier_correct_score` when right,
+             else `verifier_wrong_score`; `verifier_mode="steps"` gives partial credit by the first wrong step.
+- `judge`    one judge generation per response (`JUDGE_TEMPLATE`, parsed "Score: N", 1-10); unparsable -> failed.
+- `logprob`  the mean token log-prob of each response under the model, quantile-binned into deciles 1..10 over
+             the shard's responses ([reconstructed]; bins depend on the shard, so keep shard_size large).
+Model-based sources use the backend the engine passes or, when none (e.g. `prefpipe stage reward-relabel`
+without a model), one built from `score_model`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import ClassVar, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from pipeline.backends.base import SamplingParams
+from pipeline.errors import InputError
+from pipeline.stage import StageConfig, StageContext, register_stage
+from stages._common import now_utc, pair_id, pairs_table
+
+STAGE = "reward_aug"
+RA_TEMPLATE = ("You are an assistant that generates responses for the instruction while implicitly achieving the "
+               "following target scores (on a scale of 1-10, where 1 is lowest and 10 is highest):\n"
+               "Overall score: {score}.")
+JUDGE_TEMPLATE = ("Rate how well the response answers the instruction, on a scale of 1-10 (1 is lowest, 10 is "
+                  "highest).\n\nInstruction:\n{prompt}\n\nResponse:\n{response}\n\n"
+                  "Reply with one line: Score: N")
+_JUDGE_SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+STAGE_FIELDS = [
+    pa.field("goal_score", pa.float64()),
+    pa.field("goal_side", pa.string()),
+    pa.field("flipped", pa.bool_()),
+    pa.field("source_pair_id", pa.string()),
+    pa.field("score_source", pa.string()),
+]
+
+
+class RewardRelabelConfig(StageConfig):
+    version: ClassVar[str] = "1"
+
+    score_source: Literal["columns", "verifier", "judge", "logprob"] = Field(
+        "columns", description="where the scores come from: input columns, the task verifier, a judge model, "
+                               "or the model's mean token log-prob")
+    score_mapping: Literal["auto", "identity", "deciles"] = Field(
+        "auto", description="map raw scores to the 1-10 goal scale: identity, or decile bins over the shard; "
+                            "auto = deciles for logprob, identity otherwise")
+    template: str = Field(RA_TEMPLATE, description="goal-conditioning text; {score} is the goal score")
+    system_mode: Literal["system", "prepend"] = Field(
+        "system", description="system: the template is the system prompt; prepend: template + blank line in front "
+                              "of the first user message (the reference's _nosys variant)")
+    drop_score_ties: bool = Field(True, description="drop pairs with chosen_score == rejected_score (their two "
+                                                    "rows would contradict each other)")
+    filter_fine_scores: bool = Field(True, description="keep only pairs whose mean fine-grained score of chosen "
+                                                       ">= rejected's, when fine_scores_* columns are present")
+    verifier_mode: Literal["answer", "steps"] = Field(
+        "answer", description="verifier scores: answer = right/wrong final answer; steps = partial credit up to "
+                              "the first wrong step")
+    verifier_correct_score: float = Field(10.0, description="verifier score of a right response")
+    verifier_wrong_score: float = Field(1.0, description="verifier score of a wrong response (steps mode: of one "
+                                                         "wrong at step 1)")
+    judge_template: str = Field(JUDGE_TEMPLATE, description="judge prompt; {prompt} and {response}")
+    judge_max_tokens: int = Field(32, ge=1, description="judge tokens per response")
+    score_model: str | None = Field(None, description="model for judge/logprob when no backend is passed in")
+    score_backend: str = Field("transformers", description="backend kind for score_model")
+    method: str = Field("reward_augmented", description="value of the method column")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardRelabelConfig":
+        if "{score}" not in self.template:
+            raise ValueError("template must contain {score}")
+        return self
+
+    def templates(self) -> dict[str, str]:
+        out = {"goal": self.template}
+        if self.score_source == "judge":
+            out["judge"] = self.judge_template
+        return out
+
+    def sampling(self) -> dict:
+        if self.score_source != "judge":
+            return {}
+        return {"judge": _judge_sampling(self).model_dump(mode="json")}
+
+    @property
+    def mapping(self) -> str:
+        if self.score_mapping != "auto":
+            return self.score_mapping
+        return "deciles" if self.score_source == "logprob" else "identity"
+
+
+def render_score(score: float) -> str:
+    """Integer scores without a decimal (8.0 -> "8"), others as Python prints them (8.5 -> "8.5")."""
+    return str(int(score)) if float(score).is_integer() else str(float(score))
+
+
+def goal_text(cfg: RewardRelabelConfig, score: float) -> str:
+    return cfg.template.format(score=render_score(score))
+
+
+def _judge_sampling(cfg: RewardRelabelConfig) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=cfg.judge_max_tokens, stop=["\n"])
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def _required(rows: list[dict], column: str) -> None:
+    for r in rows:
+        if r.get(column) is None:
+            raise InputError(f"score_source needs a non-null '{column}' (pair_id {r['pair_id']!r})", column=column)
+
+
+def _scores_from_columns(rows: list[dict]) -> tuple[list[float | None], list[float | None], list[str | None]]:
+    _required(rows, "chosen_score")
+    _required(rows, "rejected_score")
+    for r in rows:
+        for c in ("chosen_score", "rejected_score"):
+            if not math.isfinite(r[c]):
+                raise InputError(f"score is {r[c]} (pair_id {r['pair_id']!r})", column=c)
+    return [r["chosen_score"] for r in rows], [r["rejected_score"] for r in rows], [None] * len(rows)
+
+
+def _verifier_score(text: str, problem, cfg: RewardRelabelConfig) -> float:
+    from pipeline.tasks.verify import first_wrong_step
+
+    k = first_wrong_step(text, problem)
+    if k is None:
+        return cfg.verifier_correct_score
+    if cfg.verifier_mode == "answer":
+        return cfg.verifier_wrong_score
+    # steps: k-1 of n+1 checks passed (the answer line is check n+1); linear between wrong and correct scores.
+    frac = (k - 1) / (problem.n_steps + 1)
+    return round(cfg.verifier_wrong_score + frac * (cfg.verifier_correct_score - cfg.verifier_wrong_score), 3)
+
+
+def _scores_from_verifier(rows: list[dict], cfg: RewardRelabelConfig):
+    from pipeline.tasks.verify import problem_from_meta
+
+    _required(rows, "meta")
+    cs, rs = [], []
+    for r in rows:
+        try:
+            problem = problem_from_meta(r["meta"])
+        except InputError as e:
+            raise InputError(f"{e.reason} (pair_id {r['pair_id']!r})", column="meta") from None
+        cs.append(_verifier_score(r["chosen"], problem, cfg))
+        rs.append(_verifier_score(r["rejected"], problem, cfg))
+    return cs, rs, [None] * len(rows)
+
+
+def parse_judge_score(text: str) -> float | None:
+    """The last "Score: N" in a judge reply, when 1 <= N <= 10; None otherwise."""
+    hits = _JUDGE_SCORE.findall(text)
+    if not hits:
+        return None
+    v = float(hits[-1])
+    return v if 1.0 <= v <= 10.0 else None
+
+
+def _scores_from_judge(rows: list[dict], cfg: RewardRelabelConfig, backend):
+    prompts = [cfg.judge_template.format(prompt=r["prompt"], response=r[side])
+               for r in rows for side in ("chosen", "rejected")]
+    outs = backend.generate(prompts, _judge_sampling(cfg), n=1)  # one batched call for the whole shard
+    parsed = [parse_judge_score(o[0].text) for o in outs]
+    cs, rs, errors = [], [], []
+    for i in range(len(rows)):
+        c, r = parsed[2 * i], parsed[2 * i + 1]
+        cs.append(c)
+        rs.append(r)
+        bad = [s for s, v in (("chosen", c), ("rejected", r)) if v is None]
+        errors.append(f"judge reply for {' and '.join(bad)} has no 'Score: N' in 1..10" if bad else None)
+    return cs, rs, errors
+
+
+def decile_bins(values: list[float]) -> list[int]:
+    """Rank-based bins 1..10 (ties share the lower rank), so the best tenth gets 10 and the worst gets 1."""
+    n = len(values)
+    if n == 0:
+        return []
+    order = sorted(values)
+    first_rank = {}
+    for i, v in enumerate(order):
+        first_rank.setdefault(v, i)
+    return [1 + (10 * first_rank[v]) // n for v in values]
+
+
+def _scores_from_logprob(rows: list[dict], cfg: RewardRelabelConfig, backend):
+    prompts = [r["prompt"] for r in rows for _ in (0, 1)]
+    texts = [r[side] for r in rows for side in ("chosen", "rejected")]
+    res = backend.logprobs(prompts, texts)
+    means = [x.total / max(1, len(x.per_token)) for x in res]
+    return means[0::2], means[1::2], [None] * len(rows)
+
+
+def _score_backend(cfg: RewardRelabelConfig, backend):
+    if backend is not None:
+        return backend
+    if cfg.score_model is None:
+        raise InputError(f"score_source '{cfg.score_source}' needs a model: pass a backend or set score_model",
+                         column="score_model")
+    from pipeline.backends import make_backend
+    return make_backend(cfg.score_backend, cfg.score_model)
+
+
+def score_pairs(rows: list[dict], cfg: RewardRelabelConfig, backend) -> tuple[list, list, list]:
+    """(chosen scores, rejected scores, per-row error or None) on the 1-10 goal scale."""
+    if cfg.score_source == "columns":
+        cs, rs, errs = _scores_from_columns(rows)
+    elif cfg.score_source == "verifier":
+        cs, rs, errs = _scores_from_verifier(rows, cfg)
+    else:
+        model = _score_backend(cfg, backend)
+        fn = _scores_from_judge if cfg.score_source == "judge" else _scores_from_logprob
+        cs, rs, errs = fn(rows, cfg, model)
+    if cfg.mapping == "deciles":
+        ok = [i for i, e in enumerate(errs) if e is None]
+        bins = decile_bins([cs[i] for i in ok] + [rs[i] for i in ok])
+        for j, i in enumerate(ok):
+            cs[i], rs[i] = float(bins[j]), float(bins[len(ok) + j])
+    return cs, rs, errs
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def _fine_mean(v) -> float | None:
+    vals = [x for x in (v or []) if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def drop_reason(row: dict, cs: float, rs: float, cfg: RewardRelabelConfig) -> str | None:
+    if cfg.filter_fine_scores:
+        fc, fr = _fine_mean(row.get("fine_scores_chosen")), _fine_mean(row.get("fine_scores_rejected"))
+        if fc is not None and fr is not None and fc < fr:
+            return f"fine-score filter: mean fine score of chosen {fc:g} < rejected {fr:g}"
+    if cfg.drop_score_ties and cs == rs:
+        return f"score tie ({render_score(cs)}): its two rows would contradict each other"
+    return None
+
+
+def _conditioned(row: dict, goal: str, cfg: RewardRelabelConfig) -> dict:
+    """prompt / system / prompt_messages with the goal text where `system_mode` puts it."""
+    out = {"prompt": row["prompt"], "system": goal, "prompt_messages": row.get("prompt_messages")}
+    if cfg.system_mode == "prepend":
+        out["system"] = None
+        out["prompt"] = f"{goal}\n\n{row['prompt']}"
+    if out["prompt_messages"]:
+        msgs = json.loads(out["prompt_messages"])
+        if cfg.system_mode == "system":
+            if msgs and msgs[0].get("role") == "system":
+                msgs[0] = {**msgs[0], "content": f"{goal}\n\n{msgs[0]['content']}"}
+            else:
+                msgs = [{"role": "system", "content": goal}] + msgs
+        else:
+            first = next((m for m in msgs if m.get("role") == "user"), None)
+            if first is not None:
+                first["content"] = f"{goal}\n\n{first['content']}"
+        out["prompt_messages"] = json.dumps(msgs, ensure_ascii=False)
+    return out
+
+
+def relabeled_rows(row: dict, cs: float, rs: float, cfg: RewardRelabelConfig, ctx: StageContext,
+                   created) -> list[dict]:
+    """The two goal-conditioned rows (a) and (b) of one kept pair."""
+    out = []
+    for k, (goal, flipped) in enumerate(((cs, False), (rs, True))):
+        chosen, rejected = (row["rejected"], row["chosen"]) if flipped else (row["chosen"], row["rejected"])
+        c_score, r_score = (rs, cs) if flipped else (cs, rs)
+        cond = _conditioned(row, goal_text(cfg, goal), cfg)
+        out.append({
+            **cond, "pair_id": pair_id(STAGE, row["prompt_id"], chosen, rejected, cond["system"]),
+            "prompt_id": row["prompt_id"], "chosen": chosen, "rejected": rejected,
+            "stage": STAGE, "method": cfg.method, "chosen_score": c_score, "rejected_score": r_score,
+            "score_margin": c_score - r_score, "generator_model": row.get("generator_model") or "unknown",
+            "judge_model": row.get("judge_model"), "iteration": row.get("iteration"), "created_at": created,
+            "extra": {"score_scale": "1-10", "mapping": cfg.mapping},
+            "row_key": ctx.row_key(row["pair_id"], k), "status": "ok",
+            "goal_score": goal, "goal_side": "rejected" if flipped else "chosen", "flipped": flipped,
+            "source_pair_id": row["pair_id"], "score_source": cfg.score_source,
+        })
+    return out
+
+
+def _dropped_row(row: dict, reason: str, cs, rs, cfg: RewardRelabelConfig, ctx: StageContext, created,
+                 status: str = "filtered") -> dict:
+    return {"pair_id": ctx.row_key(row["pair_id"], 0), "prompt_id": row["prompt_id"], "prompt": row["prompt"],
+            "chosen": row["chosen"], "rejected": row["rejected"], "stage": STAGE, "method": cfg.method,
+            "chosen_score": cs, "rejected_score": rs,
+            "score_margin": cs - rs if cs is not None and rs is not None else None,
+            "generator_model": row.get("generator_model") or "unknown", "created_at": created, "extra": {},
+            "row_key": ctx.row_key(row["pair_id"], 0), "status": status, "error": reason,
+            "source_pair_id": row["pair_id"], "score_source": cfg.score_source}
+
+
+@register_stage("reward-relabel", config=RewardRelabelConfig, input_kind="pairs", outputs={"main": "pairs"},
+                needs_backend=False, id_column="pair_id")
+def run(rows: pa.Table, cfg: RewardRelabelConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
+    """Reward-augmented relabeling: two goal-conditioned rows per pair, the second flipped (stages.md §3)."""
+    records = rows.to_pylist()
+    live = [r for r in records if r.get("status", "ok") == "ok"]
+    cs, rs, errs = score_pairs(live, cfg, backend) if live else ([], [], [])
+    scored = {r["pair_id"]: (c, s, e) for r, c, s, e in zip(live, cs, rs, errs)}
+    created = now_utc()
+    out: list[dict] = []
+    seen: dict[str, str] = {}
+    for r in records:
+        if r["pair_id"] not in scored:
+            out.append(_dropped_row(r, f"input row has status {r.get('status')!r}", None, None, cfg, ctx, created))
+            continue
+        c, s, err = scored[r["pair_id"]]
+        if err is not None:
+            out.append(_dropped_row(r, err, c, s, cfg, ctx, created, status="failed"))
+            continue
+        reason = drop_reason(r, c, s, cfg)
+        pair = relabeled_rows(r, c, s, cfg, ctx, created) if reason is None else []
+        dup = next((seen[p["pair_id"]] for p in pair if p["pair_id"] in seen), None)
+        if dup is not None:  # the same pair given twice under two input ids
+            reason = f"duplicate of the pair with pair_id {dup!r}"
+        if reason is not None:
+            out.append(_dropped_row(r, reason, c, s, cfg, ctx, created))
+            continue
+        seen.update({p["pair_id"]: r["pair_id"] for p in pair})
+        out += pair
+    ctx.progress(rows.num_rows)
+    return {"main": pairs_table(out, STAGE_FIELDS)}
+
+
+def as_pair_input(table: pa.Table, *, generator_model: str = "unknown") -> pa.Table:
+    """Fill the pipeline columns (pair_id, stage, method, row_key, status, ...) of a raw scored-pair table
+    (prompt_id, prompt, chosen, rejected, chosen_score, rejected_score, ...) so it validates as `pairs`."""
+    from schemas.tables import PAIRS
+
+    n = table.num_rows
+    cols = set(table.column_names)
+    chosen, rejected = table["chosen"].to_pylist(), table["rejected"].to_pylist()
+    ids = table["prompt_id"].to_pylist() if "prompt_id" in cols else [f"prompt-{i}" for i in range(n)]
+    fill = {
+        "prompt_id": ids,
+        "pair_id": [pair_id("input", p, c, r) for p, c, r in zip(ids, chosen, rejected)],
+        "stage": ["synthetic"] * n, "method": ["input"] * n, "generator_model": [generator_model] * n,
+        "created_at": [now_utc()] * n, "extra": ["{}"] * n, "status": ["ok"] * n,
+    }
+    fill["row_key"] = fill["pair_id"]
+    if {"chosen_score", "rejected_score"} <= cols:
+        fill["score_margin"] = pc.subtract(table["chosen_score"], table["rejected_score"]).to_pylist()
+    for name, values in fill.items():
+        if name not in cols:
+            t = PAIRS.field(name).type if name in PAIRS.names else pa.float64()
+            arr = pa.array(values, pa.string()).dictionary_encode().cast(t) if pa.types.is_dictionary(t) \
+                else pa.array(values, t)
+            table = table.append_column(pa.field(name, t), arr)
+    return table
