@@ -21,13 +21,14 @@ def sigmoid(x: float) -> float:
 
 
 def fdiv(delta: float, kind: str, alpha: float) -> float:
-    if kind == "reverse_kl":
+    """f'(e^Δ) of the f-divergence, normalised so that it is 0 at Δ = 0 (TRL 1.16)."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and alpha == 1.0):
         return delta
     if kind == "forward_kl":
-        return -math.exp(-delta)
+        return 1.0 - math.exp(-delta)
     if kind == "js_divergence":
-        return log_sigmoid(delta)
-    return math.exp((alpha - 1.0) * delta) / (alpha - 1.0)
+        return math.log(2.0 * math.exp(delta) / (math.exp(delta) + 1.0))
+    return (math.exp((alpha - 1.0) * delta) - 1.0) / (alpha - 1.0)
 
 
 def ld_sum(tokens: list[float], n: int, shared: int, alpha: float) -> float:
@@ -84,12 +85,12 @@ def single_pair(name: str, p: dict, c: dict, eps: float) -> float:
         z = b * d
         return sigmoid(z) * (log_sigmoid(z) - math.log(1 - e)) + sigmoid(-z) * (log_sigmoid(-z) - math.log(e))
     if name == "nca_pair":
-        return -log_sigmoid(b * p["sc"]) - 0.5 * log_sigmoid(-b * p["sc"]) - 0.5 * log_sigmoid(-b * p["sr"])
+        return -log_sigmoid(b * p["dc"]) - 0.5 * log_sigmoid(-b * p["dc"]) - 0.5 * log_sigmoid(-b * p["dr"])
     if name == "robust":
         e = c["eps"]
         return (-(1 - e) * log_sigmoid(b * d) + e * log_sigmoid(-b * d)) / (1 - 2 * e)
     if name == "sppo_hard":
-        return (p["sc"] - 1 / (2 * b)) ** 2 + (p["sr"] + 1 / (2 * b)) ** 2
+        return (p["dc"] - 1 / (2 * b)) ** 2 + (p["dr"] + 1 / (2 * b)) ** 2
     if name == "apo_zero":
         return 1 - sigmoid(b * p["dc"]) + sigmoid(b * p["dr"])
     if name == "apo_down":
@@ -123,7 +124,7 @@ def freeze(x: dict, cfg: dict) -> dict:
     b = c["beta"]
     frozen: dict = {}
     if "bco_pair" in c["types"]:
-        rewards = [b * p["sc"] for p in pairs] + [b * p["sr"] for p in pairs]
+        rewards = [b * p["dc"] for p in pairs] + [b * p["dr"] for p in pairs]
         total, count = c["bco_prev"]
         frozen["bco_delta"] = (total + sum(rewards) / len(rewards)) / (count + 1) if c["bco_baseline"] else 0.0
     if "distill" in c["types"]:
@@ -159,7 +160,7 @@ def _type_losses(name: str, pairs: list[dict], x: dict, c: dict, frozen: dict) -
         return [_smoothed(b * (u - v), c["eps"]) for u, v in zip(left, right)]
     if name == "bco_pair":
         delta = frozen["bco_delta"]
-        return [-log_sigmoid(b * p["sc"] - delta) - log_sigmoid(-(b * p["sr"] - delta)) for p in pairs]
+        return [-log_sigmoid(b * p["dc"] - delta) - log_sigmoid(-(b * p["dr"] - delta)) for p in pairs]
     if name == "distill":
         a = c["spa_alpha"]
         out = []

@@ -5,6 +5,7 @@ the formulas in `pairwise.py` stay one line each.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,18 +57,17 @@ class Margins:
 
 
 def f_divergence_score(delta: Tensor, cfg: LossConfig) -> Tensor:
-    """s(Δ) of the f-divergence generalisation of DPO (Wang et al. 2023; TRL's `f_divergence_type`)."""
+    """s(Δ) = f'(t) at t = π/πref = e^Δ, the f-divergence generalisation of DPO (Wang et al. 2023), with TRL
+    1.16's constants so that s(0) = 0: forward KL 1 - e^-Δ, JS log 2 + log σ(Δ), alpha (e^((α-1)Δ) - 1)/(α-1)."""
     kind = cfg.f_divergence_type
-    if kind == "reverse_kl":
-        return delta
-    if kind == "forward_kl":
-        return -torch.exp(torch.clamp(-delta, max=EXP_CAP))
-    if kind == "js_divergence":
-        return F.logsigmoid(delta)
     alpha = cfg.f_alpha_divergence_coef
-    if alpha == 1.0:
-        raise InputError("f_alpha_divergence_coef = 1 is the reverse-KL limit; use f_divergence_type=reverse_kl")
-    return torch.exp(torch.clamp((alpha - 1.0) * delta, max=EXP_CAP)) / (alpha - 1.0)
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return delta  # α → 1 is the reverse-KL limit, as in TRL
+    if kind == "forward_kl":
+        return -torch.expm1(torch.clamp(-delta, max=EXP_CAP))
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(delta)
+    return torch.expm1(torch.clamp((alpha - 1.0) * delta, max=EXP_CAP)) / (alpha - 1.0)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -140,7 +140,9 @@ def build_margins(batch: PairBatch, cfg: LossConfig) -> Margins:
         smoothing = 1.0 - batch.label_confidence.to(dtype)
     return Margins(
         beta=cfg.beta, policy_chosen=pc, policy_rejected=pr, ref_chosen=rc, ref_rejected=rr,
-        chosen_tokens=batch.chosen_tokens.to(dtype), rejected_tokens=batch.rejected_tokens.to(dtype),
+        # An empty completion counts as one token in the per-token averages (TRL clamps the same way).
+        chosen_tokens=batch.chosen_tokens.to(dtype).clamp(min=1.0),
+        rejected_tokens=batch.rejected_tokens.to(dtype).clamp(min=1.0),
         score_chosen=f_divergence_score(pc - rc, cfg), score_rejected=f_divergence_score(pr - rr, cfg),
         smoothing=smoothing)
 

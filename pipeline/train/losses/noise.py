@@ -17,9 +17,9 @@ from pipeline.train.losses.types import LossConfig, LossState
 
 
 def bco_pair(m: Margins, cfg: LossConfig, state: LossState, update: bool) -> tuple[Tensor, dict[str, Tensor]]:
-    """-log σ(β s_c - δ) - log σ(-(β s_r - δ)); δ = running mean of the per-call mean reward (TRL v0.27
-    RunningMoments fed one batch mean per step, the current one included)."""
-    zc, zr = m.beta * m.score_chosen, m.beta * m.score_rejected
+    """-log σ(β Δc - δ) - log σ(-(β Δr - δ)); δ = running mean of the per-call mean reward (TRL v0.27
+    RunningMoments fed one batch mean per step, the current one included; TRL 1.16 dropped δ)."""
+    zc, zr = m.beta * m.delta_chosen, m.beta * m.delta_rejected
     delta = torch.zeros((), dtype=zc.dtype, device=zc.device)
     if cfg.bco_baseline == "running_mean":
         batch_mean = float(torch.cat([zc, zr]).mean().detach())

@@ -74,8 +74,8 @@ def _metrics(m: Margins, batch: PairBatch, cfg: LossConfig, losses: dict[str, Te
             "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
             "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
             "rewards/margins": (chosen - rejected).mean(),
-            "logps/chosen": batch.policy_chosen.detach().to(chosen.dtype).mean(),
-            "logps/rejected": batch.policy_rejected.detach().to(chosen.dtype).mean(),
+            # After LD-DPO re-weighting when it is on, as TRL logs them.
+            "logps/chosen": m.policy_chosen.detach().mean(), "logps/rejected": m.policy_rejected.detach().mean(),
             "nll": nll.sum() / m.chosen_tokens.sum(),
         }
         if len(losses) > 1:

@@ -2,7 +2,9 @@
 
 Each function maps `Margins` (see margins.py) to a [B] tensor of per-pair losses. Notation: Δ = log πθ - log πref
 (summed over completion tokens), s = s(Δ) the f-divergence transform (s = Δ by default), δ = s_c - s_r,
-ε = label smoothing. Everything is written with logsigmoid / expm1 so that no intermediate overflows.
+ε = label smoothing. Which losses read s and which raw Δ follows TRL 1.16's `_compute_loss` (nca_pair, bco_pair,
+sppo_hard, aot*, apo* read Δ; a non-default f-divergence is refused for them). Everything is written with
+logsigmoid / expm1 so that no intermediate overflows.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def exo_pair(m: Margins, cfg: LossConfig) -> Tensor:
 
 
 def nca_pair(m: Margins, cfg: LossConfig) -> Tensor:
-    zc, zr = m.beta * m.score_chosen, m.beta * m.score_rejected
+    zc, zr = m.beta * m.delta_chosen, m.beta * m.delta_rejected
     return -F.logsigmoid(zc) - 0.5 * F.logsigmoid(-zc) - 0.5 * F.logsigmoid(-zr)
 
 
@@ -61,7 +63,7 @@ def robust(m: Margins, cfg: LossConfig) -> Tensor:
 
 def sppo_hard(m: Margins, cfg: LossConfig) -> Tensor:
     half_inv_beta = 1.0 / (2.0 * m.beta)
-    return (m.score_chosen - half_inv_beta) ** 2 + (m.score_rejected + half_inv_beta) ** 2
+    return (m.delta_chosen - half_inv_beta) ** 2 + (m.delta_rejected + half_inv_beta) ** 2
 
 
 def aot(m: Margins, cfg: LossConfig) -> Tensor:

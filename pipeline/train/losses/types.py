@@ -26,6 +26,10 @@ REFERENCE_FREE_TYPES: frozenset[str] = frozenset({"sft", "simpo", "orpo"})
 BATCH_COUPLED_TYPES: frozenset[str] = frozenset({"aot", "aot_unpaired", "bco_pair", "distill"})
 # Base losses LCPO may wrap: pure per-pair losses whose "flipped label" value is the loss of the swapped pair.
 LCPO_TYPES: frozenset[str] = frozenset({"sigmoid", "hinge", "ipo", "simpo", "sigmoid_norm", "ln_dpo"})
+# Losses that read the f-divergence scores s(Δ): TRL 1.16's list plus ln_dpo and distill (both built on δ). The
+# others use raw log-ratios, so TRL refuses a non-default f_divergence_type with them and so do we.
+F_DIVERGENCE_TYPES: frozenset[str] = frozenset({
+    "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "ln_dpo", "distill"})
 
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
@@ -161,6 +165,9 @@ class LossConfig(BaseModel):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(types)} loss types")
         if "robust" in types and self.label_smoothing >= 0.5:
             raise ValueError("robust needs label_smoothing < 0.5 (it divides by 1 - 2ε)")
+        if self.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_TYPES:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type} works only with "
+                             f"{sorted(F_DIVERGENCE_TYPES)}, got {types}")
         if self.lcpo_mode is not None and not set(types) <= LCPO_TYPES:
             raise ValueError(f"lcpo_mode wraps only {sorted(LCPO_TYPES)}, got {types}")
         return self
