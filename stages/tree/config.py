@@ -1,0 +1,76 @@
+"""Typed settings of Stage 1. Defaults follow stages.md §1.2-§1.7 (PRISM's numbers where it has them, scaled
+down for small models as §1.7 recommends). All fields are flat so each one is a `prefpipe stage tree-search`
+option; lists come from the YAML file."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.backends.base import SamplingParams
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    variant: Literal["mcts", "best_first", "tpo_list"] = Field(
+        "mcts", description="mcts: PRISM MCTS; best_first: Tree-PLV best-first; tpo_list: TPO ranked lists")
+    value_fn: Literal["rollout", "step_verifier", "logprob"] = Field(
+        "rollout", description="node value: rollout = share of rollouts reaching the gold answer (terminals: "
+                               "answer check); step_verifier = exact task step check; logprob = exp(mean token "
+                               "log-prob) of the response")
+    # --- search shape
+    expansion_width: int = Field(3, ge=1, description="continuations sampled per expansion (PRISM width)")
+    max_depth: int = Field(8, ge=1, description="deepest step a node may have")
+    iterations: int = Field(24, ge=1, description="MCTS iterations per tree (PRISM: 200; §1.7: 32-64)")
+    ucb_c: float = Field(1.5, ge=0, description="UCB exploration constant c")
+    visit_all_nodes: bool = Field(True, description="MCTS finalisation: evaluate every unvisited node once")
+    rollouts: int = Field(8, ge=1, description="rollouts per node for the rollout value (Tree-PLV N)")
+    best_first_k: int = Field(4, ge=1, description="candidate next steps per best-first expansion")
+    expansion_budget: int = Field(0, ge=0, description="best-first expansions per tree (0: 2 x max_depth)")
+    stop_at_terminal: bool = Field(False, description="best-first: stop a tree when a terminal node is popped "
+                                                      "(Tree-PLV); off keeps expanding until the budget")
+    num_branches: int = Field(3, ge=1, description="tpo_list: continuations branched off the gold prefix")
+    list_samples: int = Field(2, ge=0, description="tpo_list: free samples from the root added to each list")
+    # --- sampling (PRISM: T 0.8, top_p 0.9, top_k 50)
+    temperature: float = Field(0.8, ge=0, description="sampling temperature of steps and rollouts")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus mass")
+    top_k: int = Field(50, ge=0, description="top-k (0: off)")
+    step_max_tokens: int = Field(64, ge=1, description="most new tokens of one step")
+    rollout_max_tokens: int = Field(256, ge=1, description="most new tokens of a rollout / full response")
+    step_stop: list[str] = Field(default_factory=lambda: ["\n"], description="strings that end a step")
+    step_join: str = Field("\n", description="string between steps in a response")
+    terminal_regex: str = Field(r"^\s*Answer\s*:", description="a step matching this ends the response")
+
+    def step_sampling(self, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.step_max_tokens, stop=list(self.step_stop), seed=seed)
+
+    def rollout_sampling(self, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.rollout_max_tokens, seed=seed)
+
+
+class MiningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step_pairs: Literal["auto", "first_wrong_step", "prism_sibling", "value_gap", "none"] = Field(
+        "auto", description="step-level sibling pairs. auto: first_wrong_step when the task has a step "
+                            "verifier, else prism_sibling (mcts) or value_gap (best_first)")
+    terminal_pairs: bool = Field(True, description="PRISM terminal mode: right vs wrong full responses")
+    list_pairs: bool = Field(True, description="tpo_list trees: a (best, worst) pair per list (TPO's DPO baseline)")
+    v_threshold: float = Field(0.4, ge=0, description="PRISM: min Q gap of a sibling pair; a wrong terminal has "
+                                                      "reward <= good_value_threshold - v_threshold")
+    good_value_threshold: float = Field(0.8, description="PRISM: min Q of a chosen sibling / reward of a right "
+                                                         "terminal (value scale [-1, 1])")
+    min_visits: int = Field(1, ge=0, description="PRISM: a non-terminal sibling needs this many visits")
+    max_gb_ratio: int = Field(4, ge=1, description="PRISM: most times the shorter terminal list is tiled")
+    value_gap_alpha: float = Field(0.375, ge=0, description="Tree-PLV: min success-rate gap of a step pair")
+    step_min_margin: float = Field(0.0, ge=0, description="first_wrong_step: min score gap (0: any)")
+    tie_policy: Literal["drop", "keep"] = Field(
+        "drop", description="a pair (or list) whose chosen and rejected scores are equal: drop or keep")
+    require_verified: bool = Field(True, description="with a gold answer / step verifier: chosen must verify "
+                                                     "(every step, when steps can be checked), rejected must not")
+    list_size: int = Field(5, ge=2, description="most responses in a ranked list")
+    validity_rollouts: int = Field(8, ge=0, description="fresh rollouts per side to re-check each step pair "
+                                                        "(0: skip the validity check)")

@@ -1,0 +1,96 @@
+"""Growing trees: one backend call expands the chosen nodes of every tree in the batch.
+
+Each (tree, node) asks for `n` next steps: `continue_` from the node's prefix text with the step stop strings.
+Exact duplicate steps under one parent are dropped (PRISM). A step ends the response when the model stopped at
+EOS or the step matches the terminal pattern ("Answer: ..."). New nodes are annotated at once with what needs
+no model: the stated answer and the verifier's `correct` flag.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stages.tree.config import SearchConfig
+from stages.tree.nodes import Node, Tree
+from stages.tree.verifier import TreeTask, final_answer
+
+
+@dataclass
+class Work:
+    """One tree in a batch, with its task and its own random stream (for CPU-side choices)."""
+
+    tree: Tree
+    task: TreeTask
+    rng: object  # random.Random
+
+
+class TokenCounter:
+    """Counts what the search asked of the backend (the benchmark's tokens/s)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.tokens = 0
+        self.sequences = 0
+
+    def add(self, outs) -> None:
+        self.calls += 1
+        for comps in outs:
+            self.sequences += len(comps)
+            self.tokens += sum(c.n_tokens for c in comps)
+
+
+def annotate(work: Work, node: Node, terminal_re: re.Pattern) -> None:
+    tree, task = work.tree, work.task
+    node.is_terminal = node.is_terminal or bool(terminal_re.search(node.step_text))
+    steps = tree.trajectory(node)
+    if node.is_terminal:
+        node.answer = final_answer(node.step_text)
+    node.correct = task.node_correct(steps, tree.join, node.is_terminal)
+
+
+def expand_batch(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig, n: int, seed: int,
+                 counter: TokenCounter | None = None) -> list[list[Node]]:
+    """Sample `n` next steps for every (tree, node) in ONE `continue_` call; returns the new children."""
+    if not items:
+        return []
+    prompts = [w.tree.prompt for w, _ in items]
+    prefixes = [w.tree.prefix_text(node) for w, node in items]
+    outs = backend.continue_(prompts, prefixes, cfg.step_sampling(seed), n=n)
+    if counter is not None:
+        counter.add(outs)
+    terminal_re = re.compile(cfg.terminal_regex, re.IGNORECASE)
+    new: list[list[Node]] = []
+    for (work, node), comps in zip(items, outs):
+        seen = {work.tree.nodes[c].step_text for c in node.children}
+        children = []
+        for comp in comps:
+            text = comp.text.strip()
+            if not text or text in seen:
+                continue
+            seen.add(text)
+            child = work.tree.add_child(node, text, is_terminal=comp.finish_reason == "eos")
+            annotate(work, child, terminal_re)
+            children.append(child)
+        if not children and not node.children:
+            node.is_terminal = True  # a dead end: the model has nothing more to say here
+        new.append(children)
+    return new
+
+
+def add_path(work: Work, parent: Node, text: str, cfg: SearchConfig, finished: bool) -> Node:
+    """Add a full continuation as a chain of step nodes under `parent`; returns the last node.
+
+    Steps are the non-empty lines (split at the step join); the last one is terminal when the model finished.
+    An existing child with the same step text is reused, so identical prefixes share nodes.
+    """
+    terminal_re = re.compile(cfg.terminal_regex, re.IGNORECASE)
+    steps = [s.strip() for s in text.split(cfg.step_join) if s.strip()]
+    node = parent
+    for i, step in enumerate(steps):
+        match = next((c for c in work.tree.children(node) if c.step_text == step), None)
+        if match is None:
+            match = work.tree.add_child(node, step, is_terminal=finished and i == len(steps) - 1)
+            annotate(work, match, terminal_re)
+        node = match
+    return node

@@ -1,0 +1,82 @@
+"""Pluggable node-value functions (stages.md §1.6). Each scores a batch of nodes from many trees at once.
+
+Every function returns, per node, a value in [0, 1] (higher = better) and, for rollouts, the raw success share.
+The search maps it to its own scale (PRISM MCTS uses [-1, 1]: reward = 2 v - 1).
+
+- `rollout` (Tree-PLV / OmegaPRM): N completions of prefix + step to the end in ONE `continue_` call for all
+  nodes of all trees; value = share whose final answer is the gold one. Terminal nodes need no call: their
+  value is the answer check (Tree-PLV: 1[answer = gold]).
+- `step_verifier`: the task's exact step check (1 if every step so far is right), no model call.
+- `logprob`: exp(mean token log-prob) of the response under the policy, one teacher-forced `logprobs` call.
+A judge-scored value plugs in the same way once the judge primitive exists.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.errors import InputError
+from stages.tree.config import SearchConfig
+from stages.tree.expand import TokenCounter, Work
+from stages.tree.nodes import Node
+from stages.tree.verifier import TreeTask
+
+
+@dataclass
+class NodeValue:
+    value: float
+    rollout_success: float | None = None
+
+
+def rollout_success(items: Sequence[tuple[TreeTask, str]], backend, cfg: SearchConfig, n: int, seed: int,
+                    counter: TokenCounter | None = None) -> list[float]:
+    """Share of `n` rollouts from each (task, prefix text) that end with the gold answer; one backend call."""
+    if not items:
+        return []
+    outs = backend.continue_([t.prompt for t, _ in items], [p for _, p in items], cfg.rollout_sampling(seed), n=n)
+    if counter is not None:
+        counter.add(outs)
+    return [sum(bool(t.answer_correct(p + c.text)) for c in comps) / len(comps)
+            for (t, p), comps in zip(items, outs)]
+
+
+def _terminal_value(work: Work, node: Node) -> float:
+    ok = work.task.answer_correct(work.tree.response(node))
+    if work.task.has_step_verifier:  # a right answer after a wrong step is not a right solution
+        ok = bool(ok) and bool(node.correct)
+    return 1.0 if ok else 0.0
+
+
+def evaluate(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig, seed: int,
+             counter: TokenCounter | None = None) -> list[NodeValue]:
+    """Values of the given nodes (from any number of trees) with at most one backend call."""
+    if cfg.value_fn == "step_verifier":
+        for w, _ in items:
+            if not w.task.has_step_verifier:
+                raise InputError("value_fn 'step_verifier' needs the bundled task's `meta` column",
+                                 column="meta")
+        return [NodeValue(1.0 if node.correct else 0.0) for _, node in items]
+    if cfg.value_fn == "rollout":
+        for w, _ in items:
+            if w.task.gold_answer is None:
+                raise InputError("value_fn 'rollout' needs a gold answer (a `gold_answer` or `meta` column)",
+                                 column="gold_answer")
+        out: list[NodeValue | None] = [None] * len(items)
+        pending = []
+        for i, (w, node) in enumerate(items):
+            if node.is_terminal:
+                out[i] = NodeValue(_terminal_value(w, node))
+            else:
+                pending.append(i)
+        shares = rollout_success([(items[i][0].task, items[i][0].tree.prefix_text(items[i][1])) for i in pending],
+                                 backend, cfg, cfg.rollouts, seed, counter)
+        for i, s in zip(pending, shares):
+            out[i] = NodeValue(s, rollout_success=s)
+        return out  # type: ignore[return-value]
+    if cfg.value_fn == "logprob":
+        if not items:
+            return []
+        res = backend.logprobs([w.tree.prompt for w, _ in items], [w.tree.response(n) for w, n in items])
+        return [NodeValue(math.exp(r.total / max(1, len(r.per_token)))) for r in res]
+    raise InputError(f"unknown value_fn {cfg.value_fn!r}", column="value_fn")
