@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "pipeline.tasks.cli",
     "pipeline.backends.cli",
     "pipeline.train.cli",
+    "pipeline.hub_cli",
     "stages.cli",
     "flows.cli",
 ]
