@@ -220,18 +220,21 @@ run_stage(get_stage("reward-relabel"), rows, RewardRelabelConfig(), None, RunSto
 """
 
 
-def _child(run_dir, slow):
+def _child(code, run_dir, slow):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir), str(slow)], env=env, cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(slow)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_sigkill_then_resume_has_no_duplicates(tmp_path):
-    ref = _child(tmp_path / "ref", 0)
-    assert ref.wait(timeout=120) == 0, ref.stderr.read().decode()
-    p = _child(tmp_path / "run", 0.3)
-    manifest = tmp_path / "run/reward-relabel/manifest.json"
-    deadline = time.time() + 90
+def kill_and_resume(tmp_path, stage: str, code: str, n_shards: int, timeout: float = 120) -> pa.Table:
+    """Run `code` (argv: run dir, seconds to sleep after each shard) to the end once; run it again, SIGKILL it
+    after 3 shards, rerun it; the resumed output must equal the uninterrupted one (created_at aside), with
+    unique row keys. Returns the resumed table."""
+    ref = _child(code, tmp_path / "ref", 0)
+    assert ref.wait(timeout=timeout) == 0, ref.stderr.read().decode()
+    p = _child(code, tmp_path / "run", 0.5)
+    manifest = tmp_path / f"run/{stage}/manifest.json"
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if len(json.loads(manifest.read_text())["shards"]) >= 3:
@@ -241,12 +244,17 @@ def test_sigkill_then_resume_has_no_duplicates(tmp_path):
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
-    assert 3 <= len(json.loads(manifest.read_text())["shards"]) < 9
-    again = _child(tmp_path / "run", 0)
-    assert again.wait(timeout=120) == 0, again.stderr.read().decode()
-    a = RunStore(tmp_path / "run").stage("reward-relabel").read().drop_columns(["created_at"])
-    b = RunStore(tmp_path / "ref").stage("reward-relabel").read().drop_columns(["created_at"])
-    assert a.num_rows == b.num_rows == 180
-    assert len(pc.unique(a["row_key"])) == 180
+    assert 3 <= len(json.loads(manifest.read_text())["shards"]) < n_shards
+    again = _child(code, tmp_path / "run", 0)
+    assert again.wait(timeout=timeout) == 0, again.stderr.read().decode()
+    a = RunStore(tmp_path / "run").stage(stage).read().drop_columns(["created_at"])
+    b = RunStore(tmp_path / "ref").stage(stage).read().drop_columns(["created_at"])
+    assert a.num_rows == b.num_rows and len(pc.unique(a["row_key"])) == a.num_rows
     assert a.equals(b)
+    return a
+
+
+def test_sigkill_then_resume_has_no_duplicates(tmp_path):
+    a = kill_and_resume(tmp_path, "reward-relabel", CHILD, n_shards=9)
+    assert a.num_rows == 180
     validate(a.append_column("created_at", pa.array([0] * 180, pa.timestamp("us", tz="UTC"))), "pairs")
