@@ -61,11 +61,15 @@ def filter_logits(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, sp: SamplingParams, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Argmax when greedy; otherwise inverse-CDF sampling with one uniform number per row. Drawing the
+    uniforms for every row of the batch (not just live ones) keeps a row's sample independent of which other
+    rows have finished, so compacting the batch does not change any sample."""
     if sp.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float(), sp).softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    cdf = filter_logits(logits.float(), sp).softmax(-1).cumsum(-1)
+    u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]  # scale by the total so rounding cannot overshoot
+    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 class _Rows:
@@ -161,8 +165,11 @@ class TransformersBackend(TokenizedBackend):
         rows = _Rows(len(prompts) * n, self.tokenizer, sp, self.eos)
         live = list(range(len(prompts) * n))  # batch slot -> row
         live_done = [False] * len(live)
+        live_index = torch.arange(len(live), device=self.device)
         while True:
-            tokens = pick_tokens(logits, sp, gen)
+            uniforms = None if sp.greedy else torch.rand(
+                len(prompts) * n, generator=gen, device=self.device)[live_index]
+            tokens = pick_tokens(logits, sp, uniforms)
             for slot, (row, tok) in enumerate(zip(live, tokens.tolist())):
                 if not live_done[slot]:
                     live_done[slot] = rows.push(row, tok)
@@ -175,6 +182,7 @@ class TransformersBackend(TokenizedBackend):
                 cache.batch_select_indices(index)
                 tokens, mask, last_pos = tokens[index], mask[index], last_pos[index]
                 live = [live[s] for s in keep]
+                live_index = live_index[index]
                 live_done = [False] * len(live)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
             last_pos = last_pos + 1

@@ -2,8 +2,9 @@
 
 Routes: GET /v1/models, POST /v1/completions (prompt as text or token ids; echo + logprobs give prompt
 log-probs), POST /v1/chat/completions (vLLM's continue_final_message / add_generation_prompt extensions).
-Responses carry vLLM's extra fields `stop_reason` and `token_ids`. `fail_first=k` answers the first k POSTs
-with 503, to exercise client retries.
+Responses carry vLLM's extra fields `stop_reason` and `token_ids`. For client tests: `fail_first=k` answers
+the first k POSTs with 503, `delay_s` holds every POST that long, and the server records the Authorization
+headers it saw and the most requests it had in flight at once.
 
     python -m pipeline.backends.testserver --model tiny-policy --port 8000
 """
@@ -30,12 +31,15 @@ class OpenAICompatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, backend: TokenizedBackend, served_model: str, host: str = "127.0.0.1", port: int = 0,
-                 fail_first: int = 0):
+                 fail_first: int = 0, delay_s: float = 0.0):
         super().__init__((host, port), _Handler)
         self.backend, self.served_model = backend, served_model
-        self.fail_left = fail_first
+        self.fail_left, self.delay_s = fail_first, delay_s
         self.posts = 0  # every POST received, failed or not
-        self.lock = threading.Lock()  # one model call at a time
+        self.in_flight = self.max_in_flight = 0
+        self.authorizations: list[str | None] = []
+        self.lock = threading.Lock()  # guards the counters
+        self.model_lock = threading.Lock()  # one model call at a time
 
     @property
     def url(self) -> str:
@@ -79,11 +83,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         srv = self.server
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         with srv.lock:
             srv.posts += 1
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+            srv.authorizations.append(self.headers.get("Authorization"))
             fail = srv.fail_left > 0
             srv.fail_left -= fail
+        try:
+            time.sleep(srv.delay_s)
+            self._post(fail)
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+
+    def _post(self, fail: bool) -> None:
+        srv = self.server
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        except ValueError:
+            self._send(400, {"error": {"message": "the body is not JSON"}})
+            return
         if fail:
             self._send(503, {"error": {"message": "overloaded (injected failure)"}})
             return
@@ -93,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
         try:
-            with srv.lock:
+            with srv.model_lock:
                 payload = route(body)
         except (_BadRequest, ValueError, TypeError) as e:
             self._send(400, {"error": {"message": str(e)}})
@@ -148,9 +168,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serving(backend: TokenizedBackend, served_model: str = "test-model", fail_first: int = 0):
+def serving(backend: TokenizedBackend, served_model: str = "test-model", fail_first: int = 0,
+            delay_s: float = 0.0):
     """Run the server on a free port of 127.0.0.1 in a thread; yields it (`.url` is the /v1 base)."""
-    srv = OpenAICompatServer(backend, served_model, fail_first=fail_first)
+    srv = OpenAICompatServer(backend, served_model, fail_first=fail_first, delay_s=delay_s)
     thread = threading.Thread(target=srv.serve_forever, name="prefpipe-testserver", daemon=True)
     thread.start()
     try:
