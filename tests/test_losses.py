@@ -26,6 +26,7 @@ from pipeline.train.losses import (
     rationale_loss,
     tpo_step_scores,
 )
+from pipeline.train.losses.margins import length_desensitized
 from tests.loss_reference import LN2, fd_grad, freeze, list_loss_ref, pair_loss_ref, step_scores_ref
 
 TOL = 1e-5
@@ -633,3 +634,100 @@ def test_tpo_step_scores_match_reference():
     # Scores are linear in ρ̄ with the (detached) normalised weights as coefficients.
     (grad,) = torch.autograd.grad(s.sum(), rho_leaf)
     assert torch.allclose(grad.sum(-1), torch.ones(2, 3), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- TRL parity (opt-in)
+
+class _Gather:
+    """Single-process stand-in for accelerate's Accelerator in TRL's loss code."""
+    device = torch.device("cpu")
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+
+def _trl_loss(trl_dpo, t: dict, tok: dict, cfg: LossConfig, sq: dict | None):
+    """Run TRL's DPOTrainer._compute_loss on a fake model whose per-token log-probs are `tok` (precomputed-ref
+    path). Returns (loss, grad w.r.t. the per-token policy logps, logged metrics)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    size, width = tok["pc_tok"].shape
+    trainer = trl_dpo.DPOTrainer.__new__(trl_dpo.DPOTrainer)
+    fields = dict(loss_types=cfg.loss_types, loss_weights=cfg.weights, beta=cfg.beta,
+                  label_smoothing=cfg.label_smoothing, f_divergence_type=cfg.f_divergence_type,
+                  f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, ld_alpha=cfg.ld_alpha,
+                  use_weighting=cfg.use_weighting, precompute_ref_logps=True, aux_loss_enabled=False,
+                  args=SimpleNamespace(discopop_tau=cfg.discopop_tau), accelerator=_Gather(),
+                  _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+                  _tp_size=1)
+    trainer.__dict__.update(fields)
+    trainer.__dict__["model"] = SimpleNamespace(training=True)
+    mask = torch.zeros(2 * size, width + 1, dtype=torch.long)
+    lengths = torch.cat([t["ct"], t["rt"]]).long()
+    mask[:, 1:] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    logps = torch.cat([tok["pc_tok"], tok["pr_tok"]]).nan_to_num(0.0).clone().requires_grad_(True)
+    square = torch.cat([sq["c"], sq["r"]]) if sq is not None else torch.zeros_like(logps)
+    out = SimpleNamespace(log_probs=logps, entropy=torch.zeros_like(logps), mean_logits=torch.zeros_like(logps),
+                          is_top1=torch.zeros_like(logps, dtype=torch.bool), log_sum_sq_probs=square)
+    inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+              "ref_chosen_logps": t["rc"], "ref_rejected_logps": t["rr"]}
+    loss = trainer._compute_loss(lambda **kw: out, inputs, return_outputs=False)
+    (grad,) = torch.autograd.grad(loss, logps)
+    return loss, grad, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+TRL_PARITY = [LossConfig(loss_type=n, **({"label_smoothing": 0.01} if n == "exo_pair" else
+                                         {"label_smoothing": 0.2} if n in ("robust", "aot", "aot_unpaired") else
+                                         {"bco_baseline": "none"} if n == "bco_pair" else {}))
+              for n in TRL_LOSS_TYPES]
+TRL_PARITY += [LossConfig(loss_type=n, f_divergence_type=k) for n in ("sigmoid", "ipo", "sigmoid_norm", "discopop")
+               for k in ("forward_kl", "js_divergence", "alpha_divergence")]
+TRL_PARITY += [LossConfig(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
+                          bco_baseline="none"),
+               LossConfig(ld_alpha=0.3), LossConfig(loss_type=["sigmoid", "ipo"], use_weighting=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", TRL_PARITY, ids=lambda c: "+".join(c.loss_types) + f"-{c.f_divergence_type}"
+                         + ("-ld" if c.ld_alpha else "") + ("-wpo" if c.use_weighting else ""))
+def test_parity_with_trl_dpo_trainer(cfg):
+    """Same values and gradients as TRL's own `_compute_loss` (skipped unless `trl` is importable, e.g.
+    `pip install --no-deps --target DIR trl` and PYTHONPATH=DIR)."""
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    t = add_token_logps(make_pairs(7, seed=50, max_len=12), seed=51)
+    g = torch.Generator().manual_seed(52)
+    width = t["pc_tok"].shape[1]
+    sq = None
+    if cfg.use_weighting:
+        sq = {"c": t["pc_tok"].nan_to_num(0.0) - 0.5 * torch.rand(7, width, generator=g),
+              "r": t["pr_tok"].nan_to_num(0.0) - 0.5 * torch.rand(7, width, generator=g)}
+    inside_c = torch.arange(width)[None, :] < t["ct"][:, None]
+    inside_r = torch.arange(width)[None, :] < t["rt"][:, None]
+    if cfg.ld_alpha is not None:
+        # TRL's precomputed-reference path takes the reference sums as given: hand it the LD-weighted ones.
+        shared = torch.minimum(t["ct"], t["rt"])
+        t = {**t, "rc": length_desensitized(t["rc_tok"], t["ct"], shared, cfg.ld_alpha),
+             "rr": length_desensitized(t["rr_tok"], t["rt"], shared, cfg.ld_alpha)}
+    trl_value, trl_grad, trl_metrics = _trl_loss(trl_dpo, t, t, cfg, sq)
+
+    tok_c = t["pc_tok"].nan_to_num(0.0).clone().requires_grad_(True)
+    tok_r = t["pr_tok"].nan_to_num(0.0).clone().requires_grad_(True)
+    pc, pr = tok_c.sum(1), tok_r.sum(1)
+    extra = {}
+    if cfg.ld_alpha is not None:
+        extra = dict(policy_chosen_token_logps=tok_c, policy_rejected_token_logps=tok_r,
+                     ref_chosen_token_logps=t["rc_tok"], ref_rejected_token_logps=t["rr_tok"])
+    if sq is not None:
+        extra.update(chosen_sq_logmass=(sq["c"] * inside_c).sum(1), rejected_sq_logmass=(sq["r"] * inside_r).sum(1))
+    ours, metrics = pair_loss(to_batch({**t, "pc": pc, "pr": pr}, **extra), cfg, LossState())
+    grad_c, grad_r = (torch.zeros_like(tok_c) if g is None else g
+                      for g in torch.autograd.grad(ours, [tok_c, tok_r], allow_unused=True))
+    assert abs(ours.item() - trl_value.item()) <= TOL
+    assert torch.allclose(torch.cat([grad_c * inside_c, grad_r * inside_r]),
+                          trl_grad * torch.cat([inside_c, inside_r]), atol=TOL, rtol=0)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert metrics[name].item() == pytest.approx(trl_metrics[name], abs=1e-5), name
