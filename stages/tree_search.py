@@ -16,7 +16,6 @@ trees. A resumed run keeps the shard layout, so it reproduces an uninterrupted r
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import ClassVar
 
@@ -24,6 +23,7 @@ import pyarrow as pa
 
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.errors import InputError
+from stages._common import now_utc, pair_id
 from stages.tree.best_first import run_best_first
 from stages.tree.config import MiningConfig, SearchConfig
 from stages.tree.expand import TokenCounter, Work
@@ -75,11 +75,9 @@ def make_work(row: dict, tree_id: str, cfg: SearchConfig, rng_seed: int) -> Work
 
 
 def _failed_pair(pid: str, prompt: str, error: str, key: str, model: str) -> dict:
-    import datetime as dt
-    return {"pair_id": hashlib.sha1(f"failed|{pid}".encode()).hexdigest(), "prompt_id": pid, "prompt": prompt,
+    return {"pair_id": pair_id("tree", pid, "", "", "failed"), "prompt_id": pid, "prompt": prompt,
             "chosen": "", "rejected": "", "stage": "tree", "method": "none", "generator_model": model,
-            "created_at": dt.datetime.now(dt.timezone.utc), "extra": {}, "row_key": key, "status": "failed",
-            "error": error}
+            "created_at": now_utc(), "extra": {}, "row_key": key, "status": "failed", "error": error}
 
 
 @register_stage("tree-search", config=TreeSearchConfig, input_kind="prompts",

@@ -19,7 +19,6 @@ pair whose chosen does not verify or whose rejected does; duplicates (same pair_
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import itertools
 import json
@@ -28,7 +27,8 @@ import random
 import pyarrow as pa
 
 from pipeline.tasks.verify import first_wrong_step
-from schemas.tables import PAIRS, RANKED_LISTS
+from schemas.tables import RANKED_LISTS
+from stages._common import now_utc, pair_id, pairs_table as _pairs_table
 from stages.tree.config import MiningConfig
 from stages.tree.nodes import Node, Tree, trees_from_table
 from stages.tree.verifier import TreeTask, task_from_info
@@ -41,7 +41,6 @@ PAIR_COLUMNS = [
     pa.field("chosen_is_terminal", pa.bool_()), pa.field("rejected_is_terminal", pa.bool_()),
     pa.field("chosen_visits", pa.int32()), pa.field("rejected_visits", pa.int32()),
 ]
-PAIRS_OUT = pa.schema(list(PAIRS) + PAIR_COLUMNS)
 
 
 def to_pm1(node: Node, method: str) -> float:
@@ -70,14 +69,14 @@ class _Miner:
     def __init__(self, tree: Tree, row: dict, task: TreeTask, cfg: MiningConfig):
         self.tree, self.row, self.task, self.cfg = tree, row, task, cfg
         self.method = tree.method
-        self.created_at = dt.datetime.now(dt.timezone.utc)
+        self.created_at = now_utc()
 
     # ---- records --------------------------------------------------------------------------------------------
 
     def pair(self, kind: str, c: Node, r: Node, sc: float, sr: float, shared: str, extra: dict) -> dict:
         t = self.tree
         chosen, rejected = t.response(c), t.response(r)
-        pid = hashlib.sha1(f"tree|{t.prompt_id}|{chosen}|{rejected}|".encode()).hexdigest()
+        pid = pair_id("tree", t.prompt_id, chosen, rejected)
         return {"pair_id": pid, "prompt_id": t.prompt_id, "prompt": t.prompt, "shared_prefix": shared,
                 "chosen": chosen, "rejected": rejected, "stage": "tree", "method": self.method,
                 "chosen_score": sc, "rejected_score": sr, "score_margin": sc - sr,
@@ -268,8 +267,7 @@ def dedup(pairs: list[dict]) -> list[dict]:
 
 
 def pairs_table(pairs: list[dict]) -> pa.Table:
-    rows = [{**p, "extra": json.dumps(p["extra"], sort_keys=True)} for p in pairs]
-    return pa.Table.from_pylist(rows, schema=PAIRS_OUT)
+    return _pairs_table(pairs, PAIR_COLUMNS)
 
 
 def lists_table(lists: list[dict]) -> pa.Table:

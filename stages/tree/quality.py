@@ -1,0 +1,63 @@
+"""Stage-1 quality numbers (stages.md §1.8), re-verified from the pair TEXTS (not from the node flags):
+
+- terminal pairs: share whose chosen states the gold answer and whose rejected does not; share whose chosen is
+  right at every step (step verifier);
+- step pairs: share whose chosen step verifies and whose rejected step does not (the prefix included);
+- validity: share of checked step pairs whose order held under fresh rollouts (from each pair's `extra`);
+- yield and length bias.
+"""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from pipeline.tasks.verify import first_wrong_step, problem_from_meta
+from stages.tree.mining import STEP_TYPES
+from stages.tree.verifier import final_answer, same_answer
+
+
+def _share(xs: list[bool]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _step_ok(text: str, problem) -> bool:
+    """Every line so far is right (a partial solution may still miss its later steps)."""
+    wrong = first_wrong_step(text, problem)
+    n_lines = sum(1 for ln in text.splitlines() if ln.strip())
+    is_final = text.strip().splitlines()[-1].lower().startswith("answer") if text.strip() else False
+    return wrong is None or (not is_final and wrong > n_lines)
+
+
+def quality_report(pairs: pa.Table, trees: pa.Table) -> dict:
+    info = {r["prompt_id"]: json.loads(r["extra"] or "{}") for r in trees.select(["prompt_id", "extra"]).to_pylist()}
+    problems = {pid: problem_from_meta(i["meta"]) for pid, i in info.items() if i.get("meta")}
+    term_ans, term_steps, step_ok, holds, len_diff = [], [], [], [], []
+    rows = [r for r in pairs.to_pylist() if r["status"] == "ok"]
+    for r in rows:
+        gold = info.get(r["prompt_id"], {}).get("gold_answer")
+        problem = problems.get(r["prompt_id"])
+        len_diff.append(len(r["chosen"]) - len(r["rejected"]))
+        if r["pair_type"] == "terminal" and gold is not None:
+            term_ans.append(same_answer(final_answer(r["chosen"]), gold)
+                            and not same_answer(final_answer(r["rejected"]), gold))
+            if problem is not None:
+                term_steps.append(first_wrong_step(r["chosen"], problem) is None)
+        elif r["pair_type"] in STEP_TYPES and problem is not None:
+            step_ok.append(_step_ok(r["chosen"], problem) and not _step_ok(r["rejected"], problem))
+        extra = json.loads(r["extra"])
+        if "order_holds" in extra:
+            holds.append(bool(extra["order_holds"]))
+    n_prompts = len(info)
+    with_pairs = len({r["prompt_id"] for r in rows})
+    return {
+        "prompts": n_prompts, "pairs": len(rows),
+        "terminal_pairs": len(term_ans), "terminal_chosen_right_rejected_wrong": _share(term_ans),
+        "terminal_chosen_all_steps_right": _share(term_steps),
+        "step_pairs": len(step_ok), "step_chosen_right_rejected_wrong": _share(step_ok),
+        "step_pairs_checked": len(holds), "step_order_holds": _share(holds),
+        "prompts_with_pairs": with_pairs / n_prompts if n_prompts else None,
+        "pairs_per_prompt": len(rows) / n_prompts if n_prompts else None,
+        "mean_len_chosen_minus_rejected": sum(len_diff) / len(len_diff) if len_diff else None,
+        "share_chosen_longer": _share([d > 0 for d in len_diff]),
+    }
