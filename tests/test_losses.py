@@ -163,6 +163,18 @@ def test_reference_free_sigmoid_ignores_reference():
     assert a.item() == b.item()
 
 
+def test_malformed_pair_batches_are_input_errors():
+    t = make_pairs(3, seed=60)
+    with pytest.raises(InputError, match="ref_rejected"):
+        pair_loss(to_batch({**t, "rr": t["rr"][:2]}), LossConfig())
+    with pytest.raises(InputError, match="empty"):
+        pair_loss(to_batch({k: v[:0] for k, v in t.items()}), LossConfig())
+    with pytest.raises(InputError, match="ld_alpha"):
+        pair_loss(to_batch(t), LossConfig(ld_alpha=0.5))
+    with pytest.raises(InputError, match="WPO"):
+        pair_loss(to_batch(t), LossConfig(use_weighting=True))
+
+
 def test_missing_reference_is_an_input_error():
     no_ref = {k: v for k, v in make_pairs(3, seed=16).items() if k not in ("rc", "rr")}
     with pytest.raises(InputError, match="reference"):

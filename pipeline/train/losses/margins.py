@@ -79,6 +79,8 @@ def _check_shapes(batch: PairBatch) -> None:
     size = batch.policy_chosen.shape
     if len(size) != 1:
         raise InputError(f"PairBatch tensors must have shape [B], policy_chosen has {tuple(size)}")
+    if size[0] == 0:
+        raise InputError("PairBatch is empty: the per-pair mean of zero pairs is undefined")
     for name in ("policy_rejected", "ref_chosen", "ref_rejected", "chosen_tokens", "rejected_tokens", "weights",
                  "label_confidence", "chosen_sq_logmass", "rejected_sq_logmass", "decoupled_margin",
                  "rationale_logps"):
