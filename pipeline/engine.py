@@ -64,8 +64,9 @@ def _progress(total: int, description: str, enabled: bool):
 
 def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | None, store: RunStore, *,
               shard_size: int = 64, fail_threshold: float = 0.01, overwrite: bool = False,
-              input_file: str | None = None, progress: bool = True, on_shard=None) -> StageResult:
-    """Run `spec` over `rows` into `store/<spec.name>`; resumable; returns the stage folder and a summary."""
+              input_file: str | None = None, progress: bool = True, on_shard=None,
+              folder: str | None = None) -> StageResult:
+    """Run `spec` over `rows` into `store/<folder or spec.name>`; resumable; returns the folder and a summary."""
     if shard_size < 1:
         raise InputError(f"shard_size must be >= 1, got {shard_size}")
     if spec.needs_backend and backend is None:
@@ -74,7 +75,7 @@ def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | 
     if spec.id_column not in rows.column_names:
         raise InputError(f"missing id column for stage '{spec.name}'", file=input_file, column=spec.id_column)
     fp, fp_inputs = stage_fingerprint(spec, cfg, backend)
-    stage_store = store.stage(spec.name)
+    stage_store = store.stage(folder or spec.name)
     manifest = stage_store.begin(fingerprint=fp, fingerprint_inputs=fp_inputs, outputs=spec.outputs,
                                  shard_size=shard_size, n_input_rows=rows.num_rows, overwrite=overwrite)
     shard_size = manifest["shard_size"]  # a resumed run keeps the shard layout it started with

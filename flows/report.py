@@ -1,0 +1,236 @@
+"""The run report: what the data did to the model, next to the controls.
+
+Writes <output_dir>/report/{report.md, summary.json, accuracy.png, margins.png, training.png}. Accuracy comes
+with 95 % Wilson intervals; every trained arm's change against the base model (and against each control arm)
+comes with a paired bootstrap 95 % interval over the same eval problems.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from flows.config import RunConfig
+from flows.steps import model_labels, run_dir
+from pipeline.store import RunStore, atomic_write_bytes
+
+
+def paired_delta(a: list[bool], b: list[bool], resamples: int = 2000, seed: int = 0) -> dict:
+    """Δ = mean(b) − mean(a) over the same problems, with a paired bootstrap 95 % interval (in points)."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) != len(y) or not len(x):
+        raise ValueError("paired_delta needs two equal-length, non-empty correctness vectors")
+    d = y - x
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    boots = d[idx].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"delta_pp": 100 * d.mean(), "ci_low_pp": 100 * lo, "ci_high_pp": 100 * hi, "n": len(d)}
+
+
+def _load_evals(cfg: RunConfig) -> dict[str, dict]:
+    out = {}
+    for label, _ in model_labels(cfg):
+        p = run_dir(cfg) / "eval" / f"{label}.json"
+        if p.exists():
+            out[label] = json.loads(p.read_text())
+    return out
+
+
+def _correct_by_id(ev: dict) -> dict[str, bool]:
+    return {r["id"]: r["correct"] for r in ev["per_problem"]}
+
+
+def _metrics(cfg: RunConfig, arm: str) -> list[dict]:
+    p = run_dir(cfg) / "train" / arm / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
+    store = RunStore(run_dir(cfg))
+    stats = {}
+    for s in cfg.stages:
+        st = store.stage(s.folder)
+        if not st.exists():
+            continue
+        m = st.manifest()
+        info = {"stage": s.stage, "complete": m["complete"], "rows": {o: st.num_rows(o) for o in m["outputs"]},
+                "status": (m.get("summary") or {}).get("status", {})}
+        if m["outputs"].get("main") == "pairs" and st.num_rows():
+            t = st.read(columns=["score_margin", "status", "method"])
+            ok = [s == "ok" for s in t.column("status").to_pylist()]
+            margins = [v for v, k in zip(t.column("score_margin").to_pylist(), ok) if k and v is not None]
+            methods = t.column("method").to_pylist()
+            info["margins"] = margins
+            info["methods"] = {k: methods.count(k) for k in sorted(set(map(str, methods)))}
+        if "trees" in m["outputs"] and st.num_rows("trees"):
+            info["trees"] = _tree_stats(st.read("trees"))
+        stats[s.folder] = info
+    return stats
+
+
+def _tree_stats(trees) -> dict:
+    nodes = trees.column("nodes").to_pylist()
+    sizes = [len(n) for n in nodes]
+    depths = [max((x["depth"] for x in n), default=0) for n in nodes]
+    terminal = [x for n in nodes for x in n if x["is_terminal"]]
+    correct = [x for x in terminal if x.get("correct")]
+    return {"trees": len(nodes), "nodes_mean": float(np.mean(sizes)) if sizes else 0.0,
+            "nodes_max": max(sizes, default=0), "depth_max": max(depths, default=0),
+            "terminal_nodes": len(terminal), "terminal_correct_share": len(correct) / len(terminal) if terminal else 0.0}
+
+
+def _plots(out: Path, cfg: RunConfig, evals: dict, stages: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if evals:
+        labels = list(evals)
+        acc = [100 * evals[k]["accuracy"] for k in labels]
+        err = [[100 * (evals[k]["accuracy"] - evals[k]["ci_low"]) for k in labels],
+               [100 * (evals[k]["ci_high"] - evals[k]["accuracy"]) for k in labels]]
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 3.6))
+        ax.bar(labels, acc, yerr=err, capsize=4, color=["#888"] + ["#3a7"] * (len(labels) - 1))
+        ax.set_ylabel("greedy accuracy (%)  [95 % CI]")
+        ax.set_title(f"eval: {evals[labels[0]]['n']} problems")
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=110)
+        plt.close(fig)
+        made.append("accuracy.png")
+    with_margins = {k: v["margins"] for k, v in stages.items() if v.get("margins")}
+    if with_margins:
+        fig, axes = plt.subplots(1, len(with_margins), figsize=(4 * len(with_margins), 3), squeeze=False)
+        for ax, (k, m) in zip(axes[0], with_margins.items()):
+            ax.hist(m, bins=20, color="#37a")
+            ax.set_title(f"{k}: score margin (n={len(m)})")
+        fig.tight_layout()
+        fig.savefig(out / "margins.png", dpi=110)
+        plt.close(fig)
+        made.append("margins.png")
+    curves = {a.name: _metrics(cfg, a.name) for a in cfg.train}
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+        for name, rows in curves.items():
+            steps_ = [r.get("step", i + 1) for i, r in enumerate(rows)]
+            axes[0].plot(steps_, [r.get("loss") for r in rows], label=name)
+            axes[1].plot(steps_, [r.get("logps/chosen") for r in rows], label=f"{name} chosen")
+            axes[1].plot(steps_, [r.get("logps/rejected") for r in rows], "--", label=f"{name} rejected")
+            axes[2].plot(steps_, [r.get("rewards/margins") for r in rows], label=name)
+        for ax, t in zip(axes, ("loss", "log-probs (chosen solid, rejected dashed)", "rewards/margins")):
+            ax.set_title(t)
+            ax.set_xlabel("step")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "training.png", dpi=110)
+        plt.close(fig)
+        made.append("training.png")
+    return made
+
+
+def _drift(rows: list[dict]) -> dict:
+    """Chosen/rejected log-prob drift over training (first logged step → last)."""
+    keys = ("logps/chosen", "logps/rejected")
+    first = next((r for r in rows if all(r.get(k) is not None for k in keys)), None)
+    last = next((r for r in reversed(rows) if all(r.get(k) is not None for k in keys)), None)
+    if not first or not last:
+        return {}
+    return {"chosen": last[keys[0]] - first[keys[0]], "rejected": last[keys[1]] - first[keys[1]]}
+
+
+def build_summary(cfg: RunConfig) -> dict:
+    evals = _load_evals(cfg)
+    roles = {a.name: a.role for a in cfg.train}
+    summary = {"name": cfg.name, "model": cfg.model, "evals": {}, "deltas": {}, "stages": {}, "train": {}}
+    for label, ev in evals.items():
+        summary["evals"][label] = {k: ev[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
+        summary["evals"][label]["role"] = roles.get(label, "base")
+    base = evals.get("base")
+    comparators = ["base"] + [a.name for a in cfg.train if a.role in ("control", "baseline")]
+    for label, ev in evals.items():
+        if label == "base":
+            continue
+        for ref in comparators:
+            if ref == label or ref not in evals:
+                continue
+            a, b = _correct_by_id(evals[ref]), _correct_by_id(ev)
+            ids = [i for i in a if i in b]
+            summary["deltas"][f"{label} vs {ref}"] = paired_delta(
+                [a[i] for i in ids], [b[i] for i in ids], resamples=cfg.eval.bootstrap if cfg.eval else 2000)
+    for arm in cfg.train:
+        rows = _metrics(cfg, arm.name)
+        p = run_dir(cfg) / "train" / arm.name / "train_summary.json"
+        info = json.loads(p.read_text()) if p.exists() else {}
+        summary["train"][arm.name] = {"role": arm.role, "data": arm.data, "steps": info.get("steps"),
+                                      "groups": info.get("groups"), "logp_drift": _drift(rows),
+                                      "last": info.get("last")}
+    del base
+    return summary
+
+
+def write_report(cfg: RunConfig, config_path: Path) -> Path:
+    out = run_dir(cfg) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = build_summary(cfg)
+    stages = _stage_stats(cfg)
+    for k, v in stages.items():
+        m = v.get("margins") or []
+        summary["stages"][k] = {**{kk: vv for kk, vv in v.items() if kk != "margins"},
+                                "margin_mean": float(np.mean(m)) if m else None, "pairs_ok": len(m)}
+    evals = _load_evals(cfg)
+    plots = _plots(out, cfg, evals, stages)
+    md = _markdown(cfg, summary, plots, config_path)
+    atomic_write_bytes(out / "report.md", md.encode())
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=float).encode())
+    return out
+
+
+def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> str:
+    lines = [f"# prefpipe run report: {cfg.name}", "", f"Model: `{cfg.model}`; backend: {cfg.backend}; config: "
+             f"`{config_path}`", ""]
+    if s["evals"]:
+        n = next(iter(s["evals"].values()))["n"]
+        lines += [f"## Accuracy on {n} eval problems (greedy, 95 % Wilson interval)", "",
+                  "| model | role | accuracy | 95 % CI |", "|---|---|---|---|"]
+        for label, e in s["evals"].items():
+            lines.append(f"| {label} | {e['role']} | {100 * e['accuracy']:.1f} % | "
+                         f"[{100 * e['ci_low']:.1f}, {100 * e['ci_high']:.1f}] |")
+        if s["deltas"]:
+            lines += ["", "### Paired differences (same problems, bootstrap 95 % CI, percentage points)", "",
+                      "| comparison | Δ (pp) | 95 % CI | significant |", "|---|---|---|---|"]
+            for k, d in s["deltas"].items():
+                sig = "yes" if d["ci_low_pp"] > 0 or d["ci_high_pp"] < 0 else "no"
+                lines.append(f"| {k} | {d['delta_pp']:+.1f} | [{d['ci_low_pp']:+.1f}, {d['ci_high_pp']:+.1f}] "
+                             f"| {sig} |")
+        lines.append("")
+    if s["train"]:
+        lines += ["## Training arms", "", "| arm | role | data | steps | pairs/rows | Δ logp chosen | "
+                  "Δ logp rejected |", "|---|---|---|---|---|---|---|"]
+        for k, t in s["train"].items():
+            d = t["logp_drift"] or {}
+            lines.append(f"| {k} | {t['role']} | {t['data']} | {t['steps']} | {t['groups']} | "
+                         f"{d.get('chosen', float('nan')):+.2f} | {d.get('rejected', float('nan')):+.2f} |")
+        lines.append("")
+    if s["stages"]:
+        lines += ["## Stages", "", "| stage | rows | status | pairs ok | mean margin | methods |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in s["stages"].items():
+            status = ", ".join(f"{kk}={vv}" for kk, vv in (v.get("status", {}).get("main") or {}).items())
+            mm = v.get("margin_mean")
+            lines.append(f"| {k} ({v['stage']}) | {v['rows'].get('main')} | {status} | {v.get('pairs_ok', '')} | "
+                         f"{'' if mm is None else f'{mm:.3f}'} | {v.get('methods', '')} |")
+            if v.get("trees"):
+                t = v["trees"]
+                lines.append(f"|  trees | {t['trees']} trees | {t['nodes_mean']:.1f} nodes/tree (max "
+                             f"{t['nodes_max']}) | depth ≤ {t['depth_max']} | terminal correct "
+                             f"{100 * t['terminal_correct_share']:.0f} % | |")
+        lines.append("")
+    for p in plots:
+        lines += [f"![{p}]({p})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""The steps of a run as plain functions that take and return paths (the flow wraps each in a Prefect task;
+`prefpipe run --no-prefect` calls them directly). All data lives in the run directory; nothing is passed in
+memory between steps, so a rerun after a crash reuses every finished shard, model and eval file.
+
+    <output_dir>/inputs/prompts.parquet     the prompts (bundled task or a user file)
+    <output_dir>/<stage id>/                stage shards + manifest (the run store)
+    <output_dir>/train/<arm>/final/         trained models; metrics.jsonl beside them
+    <output_dir>/eval/<model>.json          accuracy, interval, per-problem correctness
+    <output_dir>/report/                    report.md, summary.json, PNG plots
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flows.config import RunConfig, TaskInput
+from pipeline.store import RunStore, atomic_write_bytes, atomic_write_table
+from schemas.errors import InputError
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir)
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else base / q
+
+
+def task_config(t: TaskInput):
+    from pipeline.tasks.arith import TaskConfig
+
+    base = TaskConfig.tiny() if t.preset == "tiny" else TaskConfig()
+    return TaskConfig(**{**base.model_dump(), **t.overrides})
+
+
+def task_problems(t: TaskInput):
+    from pipeline.tasks.arith import make_split
+
+    return make_split(task_config(t), t.split, n=t.n)
+
+
+def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
+    """Write the run's prompts to inputs/prompts.parquet (once; a rerun keeps the file)."""
+    out = run_dir(cfg) / "inputs" / "prompts.parquet"
+    if out.exists():
+        return out
+    if cfg.inputs.task is not None:
+        from pipeline.tasks.arith import problems_to_table
+
+        table = problems_to_table(task_problems(cfg.inputs.task))
+    else:
+        from pipeline.tasks.loaders import load_prompts
+
+        table = load_prompts(_resolve(base, cfg.inputs.file))
+    if cfg.inputs.limit:
+        table = table.slice(0, cfg.inputs.limit)
+    atomic_write_table(out, table)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def backend_for(kind: str, model: str, base_url: str | None):
+    """One backend per (kind, model) per process: stages of a run share the loaded model."""
+    from pipeline.backends import make_backend
+
+    opts = {"base_url": base_url} if kind == "http" and base_url else {}
+    return make_backend(kind, model, **opts)
+
+
+def _set_threads(cfg: RunConfig) -> None:
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+
+def stage_input(cfg: RunConfig, ref: str) -> tuple[pa.Table, str]:
+    if ref == "inputs":
+        path = run_dir(cfg) / "inputs" / "prompts.parquet"
+        return pq.read_table(path), str(path)
+    stage_id, _, output = ref.partition("@")
+    st = RunStore(run_dir(cfg)).stage(stage_id)
+    table = st.read(output or "main")
+    if "status" in table.column_names:  # later stages build on good rows only
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+    return table, str(st.dir)
+
+
+def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> Path:
+    from pipeline.engine import run_stage
+    from pipeline.stage import get_stage
+    from stages.cli import load_stage_modules
+
+    load_stage_modules()
+    step = cfg.stage(stage_id)
+    spec = get_stage(step.stage)
+    stage_cfg = spec.config(**step.config)
+    _set_threads(cfg)
+    backend = None
+    if spec.needs_backend:
+        backend = backend_for(step.backend or cfg.backend, step.model or cfg.model, cfg.base_url)
+    rows, source = stage_input(cfg, step.input)
+    res = run_stage(spec, rows, stage_cfg, backend, RunStore(run_dir(cfg)), shard_size=step.shard_size,
+                    fail_threshold=step.fail_threshold, input_file=source, progress=progress,
+                    folder=step.folder)
+    return res.store.dir
+
+
+def train_step(cfg: RunConfig, arm_name: str) -> Path:
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import train
+
+    arm = next(a for a in cfg.train if a.name == arm_name)
+    out = run_dir(cfg) / "train" / arm.name
+    final = out / "final"
+    if (final / "model.safetensors").exists() and (out / "train_summary.json").exists():
+        return final  # finished in an earlier (crashed) run
+    stage_id, _, output = arm.data.partition("@")
+    data = run_dir(cfg) / stage_id
+    tcfg = TrainConfig(**{"model": cfg.model, "threads": cfg.threads, **arm.config,
+                          "data": str(data) + (f"@{output}" if output else ""), "output_dir": str(out)})
+    train(tcfg)
+    return final
+
+
+def eval_step(cfg: RunConfig, model: str, label: str) -> Path:
+    """Greedy accuracy of `model` on the eval split; writes eval/<label>.json (skipped if present)."""
+    from pipeline.evaluate import evaluate_task
+
+    out = run_dir(cfg) / "eval" / f"{label}.json"
+    if out.exists():
+        return out
+    _set_threads(cfg)
+    problems = task_problems(cfg.eval.task)
+    backend = backend_for("transformers", str(model), None)
+    res = evaluate_task(backend, problems, batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
+    res.update({"model": str(model), "label": label})
+    atomic_write_bytes(out, json.dumps(res).encode())
+    backend_for.cache_clear()
+    return out
+
+
+def report_step(cfg: RunConfig, config_path: Path) -> Path:
+    from flows.report import write_report
+
+    return write_report(cfg, config_path)
+
+
+def export_step(cfg: RunConfig) -> Path:
+    from pipeline import hub
+
+    out = run_dir(cfg) / cfg.export.out
+    folder = hub.export_run(run_dir(cfg), out)
+    if cfg.export.repo:
+        hub.push(folder, cfg.export.repo, private=cfg.export.private)
+    return folder
+
+
+def model_labels(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(label, model path) for the base model and every training arm's final model."""
+    labels = [("base", cfg.model)]
+    labels += [(arm.name, str(run_dir(cfg) / "train" / arm.name / "final")) for arm in cfg.train]
+    return labels
+
+
+def no_progress() -> bool:
+    return bool(os.environ.get("PREFPIPE_NO_PROGRESS"))

@@ -1,0 +1,129 @@
+"""Flows: the Prefect flow, the direct path and the CLI stage by stage give the same rows; report; kill+rerun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from flows.config import load_run_config
+from flows.report import paired_delta
+from pipeline.store import RunStore
+from schemas.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PREFPIPE_STAGE_MODULES"] = "tests.helpers.toy_stage"
+os.environ["PREFPIPE_NO_PROGRESS"] = "1"
+
+
+def write_config(tmp_path, name="toy", n=40, **extra) -> Path:
+    cfg = {"name": name, "output_dir": str(tmp_path / name),
+           "inputs": {"task": {"preset": "tiny", "split": "train", "n": n}},
+           "stages": [{"id": "pairs", "stage": "toy-pairs", "shard_size": 8},
+                      {"id": "pairs2", "stage": "toy-pairs", "input": "pairs@aux", "shard_size": 16,
+                       "config": {"seed": 3}}],
+           "report": True, **extra}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _rows(run_dir: Path, stage: str) -> pa.Table:
+    return RunStore(run_dir).stage(stage).read()
+
+
+def test_flow_local_and_cli_give_same_rows(tmp_path, prefect_harness, monkeypatch):
+    from flows.flow import prefpipe_flow, run_local
+
+    out = prefpipe_flow(str(write_config(tmp_path, "viaflow")))
+    assert Path(out["report"], "report.md").exists()
+    run_local(str(write_config(tmp_path, "direct")))
+    # the CLI, stage by stage, on the same inputs
+    import pipeline.cli as cli
+    from pipeline.stage import get_stage
+    from pipeline.stage_cli import register_stage_commands
+    register_stage_commands(cli.stage_app, [get_stage("toy-pairs")])
+    inputs = tmp_path / "direct/inputs/prompts.parquet"
+    for args in (["stage", "toy-pairs", "-i", inputs, "-o", tmp_path / "cli", "--shard-size", "8"],):
+        monkeypatch.setattr(sys, "argv", ["prefpipe", *map(str, args)])
+        cli.main()
+    a, b, c = (_rows(tmp_path / d, s) for d, s in (("viaflow", "pairs"), ("direct", "pairs"), ("cli", "toy-pairs")))
+    assert a.num_rows == 40 and a.equals(b) and b.equals(c)
+    assert _rows(tmp_path / "viaflow", "pairs2").equals(_rows(tmp_path / "direct", "pairs2"))
+
+
+def test_report_artifact_is_published(tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+    from flows.flow import prefpipe_flow
+    import anyio
+
+    prefpipe_flow(str(write_config(tmp_path, "artifact")))
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts()
+    arts = anyio.run(read)
+    md = [a for a in arts if a.key == "prefpipe-report-artifact"]
+    assert md and "toy-pairs" in md[0].data and "| pairs (toy-pairs) | 40 |" in md[0].data
+
+
+def test_bad_run_config_names_the_field(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"inputs": {"task": {"n": 0}}}))
+    with pytest.raises(InputError, match=r"bad.yaml.*inputs.task.n"):
+        load_run_config(p)
+    p.write_text(yaml.safe_dump({"inputs": {"task": {}}, "stages": [{"stage": "toy-pairs", "input": "nope"}]}))
+    with pytest.raises(InputError, match="not `inputs` or an earlier stage"):
+        load_run_config(p)
+
+
+def test_paired_delta_interval():
+    a = [True] * 50 + [False] * 50
+    b = [True] * 60 + [False] * 40
+    d = paired_delta(a, b, resamples=4000)
+    assert d["delta_pp"] == pytest.approx(10.0)
+    assert d["ci_low_pp"] > 3.0 and d["ci_high_pp"] < 17.0   # 10 discordant pairs out of 100
+    assert paired_delta(a, a)["ci_low_pp"] == 0.0
+
+
+@pytest.mark.slow
+def test_sigkill_during_flow_then_rerun(tmp_path):
+    cfg = write_config(tmp_path, "killed", n=120)
+    ref_cfg = write_config(tmp_path, "uninterrupted", n=120)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOY_SLEEP": "0.3",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(cfg)]
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "killed/pairs/manifest.json"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if len(json.loads(manifest.read_text())["shards"]) >= 3:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert not json.loads(manifest.read_text())["complete"]
+    env["TOY_SLEEP"] = "0"
+    assert subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--no-prefect", str(ref_cfg)], env=env,
+                          cwd=ROOT, capture_output=True).returncode == 0
+    for stage in ("pairs", "pairs2"):
+        got, ref = _rows(tmp_path / "killed", stage), _rows(tmp_path / "uninterrupted", stage)
+        assert got.num_rows == 120 and len(set(got.column("row_key").to_pylist())) == 120
+        assert got.equals(ref)
