@@ -258,6 +258,13 @@ def test_multi_loss_without_weights_is_the_plain_sum():
     assert abs(combo - parts) <= 1e-5
 
 
+def test_needs_reference():
+    assert LossConfig().needs_reference and not LossConfig(reference_free=True).needs_reference
+    assert not LossConfig(loss_type=["simpo", "sft"]).needs_reference
+    assert LossConfig(loss_type=["orpo", "sigmoid"]).needs_reference
+    assert ListLossConfig().needs_reference and not ListLossConfig(loss_type="pro").needs_reference
+
+
 def test_bad_configs_are_rejected():
     with pytest.raises(ValueError, match="unknown loss_type"):
         LossConfig(loss_type="dpo_plus")
@@ -743,3 +750,4 @@ def test_parity_with_trl_dpo_trainer(cfg):
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected"):
         assert metrics[name].item() == pytest.approx(trl_metrics[name], abs=1e-5), name
+

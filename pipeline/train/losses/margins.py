@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.errors import InputError
-from pipeline.train.losses.types import REFERENCE_FREE_TYPES, LossConfig, PairBatch
+from pipeline.train.losses.types import LossConfig, PairBatch
 
 # exp() argument cap of the alpha/forward-KL transforms: fp32 overflows just past 88 (TRL uses 80, 11 for fp16).
 EXP_CAP = 80.0
@@ -99,10 +99,6 @@ def length_desensitized(token_logps: Tensor, lengths: Tensor, shared: Tensor, al
     return weighted.sum(-1)
 
 
-def _needs_reference(cfg: LossConfig) -> bool:
-    return not cfg.reference_free and any(t not in REFERENCE_FREE_TYPES for t in cfg.loss_types)
-
-
 def _ld_logps(batch: PairBatch, cfg: LossConfig, ref: tuple[Tensor, Tensor],
               dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     ct, rt = batch.chosen_tokens.to(dtype), batch.rejected_tokens.to(dtype)
@@ -116,7 +112,7 @@ def _ld_logps(batch: PairBatch, cfg: LossConfig, ref: tuple[Tensor, Tensor],
                 length_desensitized(rejected_tok.to(dtype), rt, shared, alpha))
 
     policy = weighted(batch.policy_chosen_token_logps, batch.policy_rejected_token_logps, "policy")
-    if cfg.ld_on_reference and _needs_reference(cfg):
+    if cfg.ld_on_reference and cfg.needs_reference:
         ref_c, ref_r = weighted(batch.ref_chosen_token_logps, batch.ref_rejected_token_logps, "ref")
         ref = (ref_c.detach(), ref_r.detach())
     return policy, ref
@@ -127,7 +123,7 @@ def build_margins(batch: PairBatch, cfg: LossConfig) -> Margins:
     dtype = _compute_dtype(batch.policy_chosen)
     pc, pr = batch.policy_chosen.to(dtype), batch.policy_rejected.to(dtype)
     if batch.ref_chosen is None or batch.ref_rejected is None or cfg.reference_free:
-        if _needs_reference(cfg):
+        if cfg.needs_reference:
             raise InputError(f"loss {cfg.loss_types} needs reference log-probs (ref_chosen/ref_rejected) "
                              "or reference_free=true")
         rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)

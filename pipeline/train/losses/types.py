@@ -106,7 +106,9 @@ class LossConfig(BaseModel):
     use_label_confidence: bool = Field(
         False, description="sigmoid: use 1 - batch.label_confidence as a per-pair ε instead of label_smoothing.")
     reference_free: bool = Field(False, description="Treat the reference log-probs as 0 (the uniform reference).")
-    f_divergence_type: FDivergence = Field("reverse_kl", description="Transform s(Δ) of the log-ratios.")
+    f_divergence_type: FDivergence = Field(
+        "reverse_kl", description="Transform s(Δ) of the log-ratios (TRL 1.16 forms); only for the losses in "
+        "F_DIVERGENCE_TYPES.")
     f_alpha_divergence_coef: float = Field(0.5, description="α of alpha_divergence.")
     discopop_tau: float = Field(0.05, gt=0, description="τ of discopop's modulation σ(βδ/τ).")
     simpo_gamma: float = Field(0.5, description="SimPO target margin γ: loss on β(ℓc - ℓr) - γ.")
@@ -145,6 +147,11 @@ class LossConfig(BaseModel):
     @property
     def weights(self) -> list[float]:
         return list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss_types)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the batches must carry reference log-probs (False for reference-free configs)."""
+        return not self.reference_free and any(t not in REFERENCE_FREE_TYPES for t in self.loss_types)
 
     def batch_coupled(self) -> list[str]:
         """What makes this config differ between 8 micro-batches of 1 and one batch of 8 (empty: nothing)."""
@@ -190,6 +197,11 @@ class ListLossConfig(BaseModel):
     pro_sft_weight: float = Field(0.05, ge=0, description="PRO: w_sft·(n-1)²·NLL(top response), summed NLL.")
     tpo_label_range: tuple[float, float] | None = Field(
         (-100.0, 100.0), description="TPO: map labels ψ from this range to [0, 1] before G = 2^ψ - 1.")
+
+    @property
+    def needs_reference(self) -> bool:
+        """PRO never reads the reference; TPO with precomputed response_scores does not either (batch-level)."""
+        return not self.reference_free and self.loss_type != "pro"
 
 
 @dataclass

@@ -1,0 +1,252 @@
+"""Stage 6: self-generated preference labels (SPA / Selfie, stages.md §6; reference: kingdy2002/SPA).
+
+Label one prompt:
+    K samples y_1..y_K ~ π (one `generate` call with n=K for the whole shard)
+    r(x, y)  = log π(y|x) − log π_ref(y|x)      summed completion log-probs under the same chat template,
+                                                 from `backend.logprobs` (policy) and the reference backend
+    chosen   = argmax_k r,  rejected = argmin_k r            (selection "min_max")
+               or rejected = a seeded random other sample    (selection "max_chosen")
+    label_confidence = σ(β·(r_chosen − r_rejected));  low_confidence = label_confidence < threshold
+
+The reference is named by `ref_model` (a model folder or built-in name, loaded once per process with
+`ref_backend`; `register_reference` lets Python code hand in a ready backend). When the policy *is* the
+reference every reward is 0 and the label carries no information: such prompts (|Δr| ≤ `tie_tolerance`) come
+out as `filtered` rows saying so, as do prompts whose K samples are all the same text. SPA therefore starts
+from a DPO-trained policy π_0 (trained on a small labelled seed set) and judges with π_0 against the SFT model.
+
+The iteration loop (`spa_iterate`) follows SPA's `run_all.sh`:
+
+    for i, X_i in enumerate(prompt_splits, 1):          # disjoint prompt splits, no replay of earlier data
+        label X_i with r = log π_{i-1} − log π_SFT       (this stage, iteration = i)
+        π_i = DPO(init = π_{i-1}, ref = π_{i-1}, the self-labelled pairs)   (pipeline.train; default loss
+                                                          "distill", SPA's noise-aware self-refinement)
+
+    records = spa_iterate(splits, policy="runs/pi0/final", sft_model="tiny-policy", run_dir="runs/spa")
+
+On a verifiable task (a `meta` column) each pair also records whether chosen and rejected are right, and
+`label_report` gives the agreement with the verifier, calibration buckets and the length bias.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.backends.base import SamplingParams
+from pipeline.errors import InputError
+from pipeline.stage import StageConfig, StageContext, register_stage
+from stages._common import now_utc, pair_id, pairs_table
+
+STAGE = "self_label"
+STAGE_FIELDS = [
+    pa.field("chosen_reward", pa.float64()),
+    pa.field("rejected_reward", pa.float64()),
+    pa.field("n_samples", pa.int16()),
+    pa.field("judge_policy_ckpt", pa.string()),
+    pa.field("judge_ref_ckpt", pa.string()),
+    pa.field("selection_strategy", pa.string()),
+    pa.field("low_confidence", pa.bool_()),
+    pa.field("chosen_correct", pa.bool_()),      # verifiable prompts only (a `meta` column), else null
+    pa.field("rejected_correct", pa.bool_()),
+]
+
+
+class SelfLabelConfig(StageConfig):
+    version: ClassVar[str] = "1"
+
+    n_samples: int = Field(2, ge=2, description="K samples per prompt (SPA uses 2)")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature (SPA: 0.7)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass (SPA: 1.0)")
+    max_tokens: int = Field(300, ge=1, description="new tokens per sample (SPA: 300)")
+    ref_model: str | None = Field(None, description="reference model (the SFT model); None = the policy itself, "
+                                                    "which makes every reward tie")
+    ref_backend: str = Field("transformers", description="backend kind that loads ref_model")
+    beta: float = Field(0.1, gt=0, description="β of the confidence σ(β·Δr)")
+    selection: Literal["min_max", "max_chosen"] = Field(
+        "min_max", description="min_max: rejected = argmin r; max_chosen: rejected = a random other sample")
+    low_confidence_threshold: float = Field(
+        0.55, ge=0.5, le=1, description="flag pairs with label_confidence below this (for noise-aware losses)")
+    tie_tolerance: float = Field(1e-4, ge=0, description="|Δr| at or below this is a tie: the prompt is filtered")
+    iteration: int = Field(0, ge=0, description="loop index written to the iteration column")
+
+    def sampling(self) -> dict:
+        return self.sample_params(0).model_dump(mode="json", exclude={"seed"})
+
+    def sample_params(self, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                              seed=seed)
+
+
+# ----------------------------------------------------------------------------------------- reference model
+_REFERENCES: dict[tuple[str, str], Any] = {}
+
+
+def register_reference(name: str, backend, kind: str = "transformers") -> None:
+    """Use `backend` whenever a config names `name` as ref_model (tests, notebooks, spa_iterate)."""
+    _REFERENCES[(kind, name)] = backend
+
+
+def reference_backend(cfg: SelfLabelConfig, policy):
+    if cfg.ref_model is None:
+        return policy
+    key = (cfg.ref_backend, cfg.ref_model)
+    if key not in _REFERENCES:
+        from pipeline.backends import make_backend
+        _REFERENCES[key] = make_backend(cfg.ref_backend, cfg.ref_model)
+    return _REFERENCES[key]
+
+
+# -------------------------------------------------------------------------------------------------- labels
+def implicit_rewards(prompts: list[str], samples: list[list[str]], policy, ref) -> list[list[float]]:
+    """r = log π(y|x) − log π_ref(y|x) for every sample; one logprobs call per model for the whole shard."""
+    flat_p = [p for p, ys in zip(prompts, samples) for _ in ys]
+    flat_y = [y for ys in samples for y in ys]
+    if not flat_y:
+        return [[] for _ in prompts]
+    pol = [x.total for x in policy.logprobs(flat_p, flat_y)]
+    refl = pol if ref is policy else [x.total for x in ref.logprobs(flat_p, flat_y)]
+    out, i = [], 0
+    for ys in samples:
+        out.append([pol[i + k] - refl[i + k] for k in range(len(ys))])
+        i += len(ys)
+    return out
+
+
+def select(rewards: list[float], strategy: str, rng: random.Random) -> tuple[int, int]:
+    """(chosen index, rejected index): argmax and argmin (first index on equal values), or a random other."""
+    best = max(range(len(rewards)), key=lambda k: (rewards[k], -k))
+    if strategy == "min_max":
+        return best, min(range(len(rewards)), key=lambda k: (rewards[k], k))
+    others = [k for k in range(len(rewards)) if k != best]
+    return best, rng.choice(others)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _correctness(record: dict, texts: list[str]) -> list[bool | None]:
+    if record.get("meta") is None:
+        return [None] * len(texts)
+    from pipeline.tasks.verify import problem_from_meta, verify_answer
+    try:
+        problem = problem_from_meta(record["meta"])
+    except InputError as e:
+        raise InputError(f"{e.reason} (prompt_id {record['prompt_id']!r})", column="meta") from None
+    return [verify_answer(t, problem) for t in texts]
+
+
+def label_row(r: dict, texts: list[str], rewards: list[float], cfg: SelfLabelConfig, ctx: StageContext,
+              models: tuple[str, str], created) -> dict:
+    """One pair row for a prompt (or a filtered row saying why there is none)."""
+    c, j = select(rewards, cfg.selection, random.Random(ctx.row_seed(r["prompt_id"], "reject")))
+    correct = _correctness(r, [texts[c], texts[j]])
+    margin = rewards[c] - rewards[j]
+    conf = sigmoid(cfg.beta * margin)
+    row = {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": texts[c], "rejected": texts[j],
+           "stage": STAGE, "method": f"spa_{cfg.selection}", "generator_model": models[0],
+           "judge_model": models[0], "iteration": cfg.iteration, "created_at": created,
+           "row_key": ctx.row_key(r["prompt_id"]), "chosen_score": rewards[c], "rejected_score": rewards[j],
+           "score_margin": margin, "label_confidence": conf, "chosen_reward": rewards[c],
+           "rejected_reward": rewards[j], "n_samples": len(texts), "judge_policy_ckpt": models[0],
+           "judge_ref_ckpt": models[1], "selection_strategy": cfg.selection,
+           "low_confidence": conf < cfg.low_confidence_threshold, "chosen_correct": correct[0],
+           "rejected_correct": correct[1], "extra": {"rewards": rewards, "chosen_index": c, "rejected_index": j}}
+    reason = None
+    if len(set(texts)) == 1:
+        reason = f"all {len(texts)} samples are the same text"
+    elif abs(margin) <= cfg.tie_tolerance:
+        reason = (f"implicit rewards tie (|Δr| = {abs(margin):.3g}); policy and reference "
+                  f"{'are the same model' if models[0] == models[1] else 'agree on these samples'}")
+    elif texts[c] == texts[j]:   # the same text sampled twice, its rewards differing by float noise only
+        reason = "the highest- and lowest-reward samples are the same text"
+    if reason is not None:
+        row.update(status="filtered", error=reason, pair_id=row["row_key"])
+    else:
+        row.update(status="ok", pair_id=pair_id(STAGE, r["prompt_id"], texts[c], texts[j]))
+    return row
+
+
+@register_stage("self-label", config=SelfLabelConfig, input_kind="prompts", outputs={"main": "pairs"})
+def run(rows: pa.Table, cfg: SelfLabelConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
+    """SPA self-labels: K samples, implicit reward log π − log π_ref, chosen = argmax, rejected = argmin."""
+    records = rows.to_pylist()
+    ref = reference_backend(cfg, backend)
+    models = (getattr(backend, "model_id", "unknown"), getattr(ref, "model_id", "unknown"))
+    prompts = [r["prompt"] for r in records]
+    samples = [[c.text for c in comps] for comps in backend.generate(prompts, cfg.sample_params(ctx.seed),
+                                                                     n=cfg.n_samples)]
+    rewards = implicit_rewards(prompts, samples, backend, ref)
+    created = now_utc()
+    out = [label_row(r, t, w, cfg, ctx, models, created) for r, t, w in zip(records, samples, rewards)]
+    ctx.progress(rows.num_rows)
+    return {"main": pairs_table(out, STAGE_FIELDS)}
+
+
+# ------------------------------------------------------------------------------------------------- quality
+def label_report(pairs: pa.Table, n_buckets: int = 5) -> dict:
+    """Agreement with the verifier (share of pairs with chosen right and rejected wrong, among pairs where
+    exactly one side is right), calibration buckets of label_confidence with ECE, and length bias (ok rows)."""
+    rows = [r for r in pairs.to_pylist() if r.get("status", "ok") == "ok"]
+    decided = [r for r in rows if r.get("chosen_correct") is not None
+               and r["chosen_correct"] != r["rejected_correct"]]
+    agree = sum(bool(r["chosen_correct"]) for r in decided)
+    buckets, ece = [], 0.0
+    for b in range(n_buckets):
+        lo, hi = 0.5 + 0.5 * b / n_buckets, 0.5 + 0.5 * (b + 1) / n_buckets
+        sel = [r for r in decided if lo <= r["label_confidence"] < hi or (b == n_buckets - 1 and
+                                                                           r["label_confidence"] >= hi)]
+        if sel:
+            acc = sum(bool(r["chosen_correct"]) for r in sel) / len(sel)
+            conf = sum(r["label_confidence"] for r in sel) / len(sel)
+            ece += len(sel) / len(decided) * abs(acc - conf)
+            buckets.append({"range": [round(lo, 3), round(hi, 3)], "n": len(sel), "accuracy": acc,
+                            "mean_confidence": conf})
+    return {"pairs": len(rows), "decided": len(decided), "agree": agree,
+            "agreement": agree / len(decided) if decided else None,
+            "both_right": sum(bool(r.get("chosen_correct")) and bool(r.get("rejected_correct")) for r in rows),
+            "both_wrong": sum(r.get("chosen_correct") is False and r.get("rejected_correct") is False for r in rows),
+            "low_confidence": sum(bool(r.get("low_confidence")) for r in rows),
+            "mean_len_diff": (sum(len(r["chosen"]) - len(r["rejected"]) for r in rows) / len(rows)) if rows else None,
+            "calibration": buckets, "ece": ece if decided else None}
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+def spa_iterate(prompt_splits: list[pa.Table], *, policy: str, sft_model: str, run_dir: str | Path,
+                label: SelfLabelConfig | None = None, train: dict | None = None,
+                backend_kind: str = "transformers", shard_size: int = 64) -> list[dict]:
+    """SPA's loop: for each prompt split, label with (π_{i-1} vs the SFT model), then DPO from π_{i-1} with
+    π_{i-1} as reference. `policy` is π_0 (a DPO-trained model: with π_0 = SFT every reward ties). `train`
+    overrides TrainConfig fields (defaults: loss "distill" β 0.1, lr 5e-7, 1 epoch, as SPA's recipe).
+    Returns one record per iteration: the label folder, the label report, the new policy folder."""
+    from pipeline.backends import make_backend
+    from pipeline.engine import run_stage
+    from pipeline.stage import get_stage
+    from pipeline.store import RunStore
+    from pipeline.train.config import merge, parse_config
+    from pipeline.train.trainer import train as train_model
+
+    run_dir = Path(run_dir)
+    label = label or SelfLabelConfig()
+    records = []
+    for i, prompts in enumerate(prompt_splits, 1):
+        cfg = label.model_copy(update={"ref_model": sft_model, "iteration": i})
+        backend = make_backend(backend_kind, policy)
+        try:
+            res = run_stage(get_stage("self-label"), prompts, cfg, backend, RunStore(run_dir / f"iter-{i}"),
+                            shard_size=shard_size, progress=False)
+        finally:
+            backend.close()
+        out_dir = run_dir / f"iter-{i}" / "train"
+        tcfg = parse_config(merge({"model": policy, "ref_model": None, "data": str(res.store.dir),
+                                   "output_dir": str(out_dir), "loss": {"loss_type": "distill", "beta": 0.1},
+                                   "lr": 5e-7, "epochs": 1.0, "progress": False}, train or {}))
+        train_model(tcfg)
+        records.append({"iteration": i, "labels": str(res.store.dir), "summary": res.summary,
+                        "report": label_report(res.read()), "policy_in": policy, "policy_out": str(out_dir / "final")})
+        policy = str(out_dir / "final")
+    return records
