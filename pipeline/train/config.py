@@ -47,6 +47,8 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; weights and optimizer stay fp32")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel of the loaded model (sdpa: causal flash kernel, no [T, T] scores)")
     head_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the fused LM head")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
 

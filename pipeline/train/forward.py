@@ -36,7 +36,10 @@ def row_logps(model, batch: Batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fus
     the selected positions are completion_mask[:, 1:] applied to hidden[:, :-1].
     """
     body, head = backbone_and_head(model)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    # Rows are right-padded and attention is causal, so no real token ever attends to padding: the padding
+    # mask changes nothing we score. Leaving it out lets SDPA take its causal (flash) kernel instead of
+    # materialising a [rows, heads, T, T] masked score matrix.
+    hidden = body(input_ids=batch.input_ids, attention_mask=None).last_hidden_state
     target_mask = batch.completion_mask[:, 1:]
     h = hidden[:, :-1][target_mask]
     targets = batch.input_ids[:, 1:][target_mask]

@@ -73,7 +73,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str):
 
     from pipeline.models import resolve_model
     folder = resolve_model(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
                                                  trust_remote_code=cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     return model, tok, folder

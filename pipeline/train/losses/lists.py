@@ -153,11 +153,17 @@ def pro(batch: ListBatch, cfg: ListLossConfig) -> Tensor:
 LIST_LOSSES = {"plackett_luce": plackett_luce, "lipo_lambda": lipo_lambda, "pro": pro, "tpo": tpo}
 
 
-def list_loss(batch: ListBatch, cfg: ListLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean over lists of the per-list loss, plus metrics: mean reward of the best/worst valid response and the
-    share of lists whose best-labelled response has the highest model log-ratio."""
+def list_loss(batch: ListBatch, cfg: ListLossConfig, *,
+              num_items_in_global_batch: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sum of the per-list losses over `num_items_in_global_batch` lists (default: this batch's B, i.e. the mean),
+    plus metrics: mean reward of the best/worst valid response, their margin, and the share of lists whose
+    best-labelled response has the highest model log-ratio. Lists never span micro-batches, so every list loss is
+    exact under gradient accumulation when the global list count is passed."""
     _check(batch)
+    if batch.policy_logps.shape[0] == 0:
+        raise InputError("ListBatch is empty: the mean over zero lists is undefined")
     per_list = LIST_LOSSES[cfg.loss_type](batch, cfg)
+    n_items = num_items_in_global_batch if num_items_in_global_batch is not None else per_list.shape[0]
     with torch.no_grad():
         policy = batch.policy_logps.float()
         use_ref = batch.ref_logps is not None and not cfg.reference_free
@@ -169,7 +175,7 @@ def list_loss(batch: ListBatch, cfg: ListLossConfig) -> tuple[Tensor, dict[str, 
         metrics = {"rewards/best": best.mean(), "rewards/worst": worst.mean(),
                    "rewards/accuracies": (best >= top_model).to(ratio.dtype).mean(),
                    "rewards/margins": (best - worst).mean()}
-    return per_list.mean(), metrics
+    return per_list.sum() / n_items, metrics
 
 
 def tpo_step_scores(step_logratio_means: Tensor, step_hidden_means: Tensor, step_mask: Tensor,

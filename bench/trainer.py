@@ -1,0 +1,188 @@
+"""Our DPO trainer vs TRL's DPOTrainer, side by side on the same model and the same pairs (CPU, fp32).
+
+    .venv/bin/pip install --no-deps --target .venv-trl trl==1.16.0     # TRL only for this script
+    .venv/bin/python bench/trainer.py [--pairs 256] [--micro-batch 8] [--threads 2]
+
+Each side runs in its own subprocess (so peak RSS is its own: ru_maxrss of the child) for one epoch over the
+same pairs with the same micro-batch, lr and max_length, sigmoid loss, no gradient checkpointing. tokens/s counts
+every non-padding token of both sequences (prompt+chosen and prompt+rejected: the prompt counts twice, as in
+TRL's concatenated forward), over the steps after the first two (warmup excluded). Our reference log-probs are
+one cached pass, timed separately; TRL runs its reference model every step unless --trl-precompute.
+
+Model: data/tiny-policy when it exists, else a random Llama of the tiny policy's shape (hidden 256, 4 layers)
+with the char tokenizer. Pairs: the bundled task's problems, chosen = gold solution, rejected = the gold
+solution with its last step's result and answer changed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFPIPE_NO_PROGRESS", "1")
+WARMUP_STEPS = 2
+
+
+def make_inputs(work: Path, n_pairs: int) -> tuple[Path, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.tasks.arith import TaskConfig, make_split
+    from pipeline.train.tiny import char_tokenizer, tiny_llama
+
+    tiny = ROOT / "data" / "tiny-policy"
+    if (tiny / "config.json").exists():
+        model_dir = tiny
+    else:
+        model_dir = work / "model"
+        tok = char_tokenizer()
+        m = tiny_llama(len(tok), hidden=256, layers=4, heads=4, max_positions=1024, head_scale=1.0)
+        m.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    problems = make_split(TaskConfig.tiny(), "train", n_pairs)
+    rejected = []
+    for p in problems:
+        wrong = p.answer + 1
+        lines = p.gold_solution.split("\n")
+        lines[-1] = lines[-1].replace(str(p.answer), str(wrong))
+        rejected.append("\n".join(lines))
+    data = work / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": [p.question for p in problems],
+                             "chosen": [p.gold_solution for p in problems], "rejected": rejected}), data)
+    return model_dir, data
+
+
+def epoch_tokens(model_dir: Path, data: Path, max_length: int) -> int:
+    from transformers import AutoTokenizer
+
+    from pipeline.train.data import TokenizeConfig, encode_pairs, read_table
+    enc = encode_pairs(read_table(data), AutoTokenizer.from_pretrained(model_dir),
+                       TokenizeConfig(max_length=max_length))
+    return enc.num_tokens()
+
+
+def run_ours(args) -> dict:
+    import torch
+
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import Trainer
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(model=str(args.model), data=str(args.data), output_dir=out, lr=1e-5, device="cpu",
+                          micro_batch=args.micro_batch, grad_accum=1, epochs=1, save_final=False,
+                          progress=False, ref_cache_dir=str(Path(out) / "refcache"),
+                          tokenize={"max_length": args.max_length}, threads=args.threads, max_grad_norm=1.0)
+        trainer = Trainer(cfg)
+        t0 = time.perf_counter()
+        trainer.prepare_reference()
+        ref_s = time.perf_counter() - t0
+        res = trainer.train()  # the reference comes from the cache written above
+        assert res.ref_reused
+    steps = res.history[WARMUP_STEPS:]
+    tokens = sum(s["num_tokens"] for s in steps)
+    seconds = sum(s["num_tokens"] / s["tokens/s"] for s in steps)
+    return {"side": "ours", "steps": len(res.history), "tokens_per_s": tokens / seconds, "ref_pass_s": ref_s,
+            "first_loss": res.history[0]["loss"], "last_loss": res.history[-1]["loss"]}
+
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline.train.data import read_table
+    torch.set_num_threads(args.threads)
+    table = read_table(args.data)
+    ds = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": p}] for p in table["prompt"].to_pylist()],
+        "chosen": [[{"role": "assistant", "content": c}] for c in table["chosen"].to_pylist()],
+        "rejected": [[{"role": "assistant", "content": r}] for r in table["rejected"].to_pylist()]})
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+                        num_train_epochs=1, learning_rate=1e-5, max_length=args.max_length, bf16=False,
+                        use_cpu=True, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+                        report_to=[], precompute_ref_log_probs=args.trl_precompute, disable_tqdm=True,
+                        dataloader_num_workers=0, seed=42)
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = len(stamps)
+    timed = stamps[-1] - stamps[WARMUP_STEPS - 1]
+    tokens = epoch_tokens(args.model, args.data, args.max_length) * (steps - WARMUP_STEPS) / steps
+    return {"side": "trl" + ("-precompute" if args.trl_precompute else ""), "steps": steps,
+            "tokens_per_s": tokens / timed, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None}
+
+
+def child(args) -> None:
+    result = run_ours(args) if args.side == "ours" else run_trl(args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def spawn(side: str, args, model: Path, data: Path, extra: list[str] | None = None) -> dict:
+    env = dict(os.environ)
+    if side == "trl":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / ".venv-trl"), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, __file__, "--side", side, "--model", str(model), "--data", str(data),
+           "--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length),
+           "--threads", str(args.threads), *(extra or [])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"side": side, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs")
+    ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+    if args.side:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory() as work:
+        model, data = make_inputs(Path(work), args.pairs)
+        results = [spawn("ours", args, model, data), spawn("trl", args, model, data)]
+        if args.trl_precompute:
+            results.append(spawn("trl", args, model, data, ["--trl-precompute"]))
+    ours = results[0]
+    for r in results:
+        print(json.dumps(r))
+    for r in results[1:]:
+        if "error" in r or "error" in ours:
+            continue
+        print(f"ours vs {r['side']}: tokens/s x{ours['tokens_per_s'] / r['tokens_per_s']:.2f}, "
+              f"peak RSS x{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
