@@ -96,6 +96,9 @@ def reference_backend(cfg: SelfLabelConfig, policy):
     key = (cfg.ref_backend, cfg.ref_model)
     if key not in _REFERENCES:
         from pipeline.backends import make_backend
+        if cfg.ref_backend != "http":   # fail on a wrong name before the heavy backend imports
+            from pipeline.models import resolve_model
+            resolve_model(cfg.ref_model)
         _REFERENCES[key] = make_backend(cfg.ref_backend, cfg.ref_model)
     return _REFERENCES[key]
 
