@@ -11,7 +11,13 @@ loss that is decomposable per pair. The batch-coupled ones are not:
 - bco_pair updates its running mean reward once per call (8 updates for 8 micro-batches instead of 1);
 - distill (SPA) appends one mean margin per call to its 50-entry window, as SPA itself did with micro-batch 1;
 - lcpo_mode updates its noise rate ε once per call.
-For those the trainer should either keep whole batches in one call or accept the per-call semantics.
+For those the trainer should either keep whole batches in one call or accept the per-call semantics
+(`LossConfig.batch_coupled()` names what applies).
+
+Known differences from TRL 1.16 (tests/test_losses.py checks parity everywhere else): pair weights and WPO
+multiply the preference terms only, where TRL also scales its sft term by the batch-mean WPO weight; exo_pair with
+label_smoothing = 0 uses ε = 1e-3 (TRL v0.27) where TRL 1.16 refuses it; rewards/* metrics are always β·Δ on summed
+log-probs, also for simpo/orpo (TRL's CPO/ORPO trainers log β·average log-prob).
 """
 from __future__ import annotations
 
