@@ -289,6 +289,9 @@ def _math_locate(trajs: list[Trajectory], problems: list, cfg, backend) -> None:
                 else f"Answer: {problem.answer}"
         t.start, t.prefix, t.wrong = span[0], t.text[:span[0]], t.text[span[0]:span[1]]
         t.substitute = correct
+        if t.wrong.strip() == correct:   # a judge or cue list flagged a line that is already right
+            t.reason = "the flagged line is already the correct one"
+            continue
         if correct.startswith("Answer:"):
             t.chosen = t.prefix + correct   # the solution ends with the answer line: nothing to continue
         else:

@@ -23,6 +23,9 @@ Scores come from a pluggable `score_source`:
              the shard's responses ([reconstructed]; bins depend on the shard, so keep shard_size large).
 Model-based sources use the backend the engine passes or, when none (e.g. `prefpipe stage reward-relabel`
 without a model), one built from `score_model`.
+
+Input: a pairs table (a stage folder or a file that validates as `pairs`). A raw scored-pair file (prompt_id,
+prompt, chosen, rejected, chosen_score, rejected_score, fine_scores_*) becomes one with `as_pair_input`.
 """
 from __future__ import annotations
 

@@ -50,6 +50,9 @@ class FakeSolver:
         self.calls["generate"] += 1
         out = []
         for q in prompts:
+            if q.startswith("Below is a solution"):   # the judge detector: always blames unit 2
+                out.append([_c("Index: 2")])
+                continue
             p = self.by_q[q]
             wrong_ans = p.gold_solution.replace(f"Answer: {p.answer}", f"Answer: {p.answer + 1}")
             texts = [p.gold_solution, wrong_at_step2(p), wrong_ans, wrong_at_step2(p)]
@@ -118,6 +121,19 @@ def test_rejected_keeps_the_remainder_when_asked_and_unverified_pairs_can_be_kep
     assert ok[0]["rejected"] == wrong_at_step2(probs[0])
     assert [r["chosen_verified"] for r in ok] == [True, True, False, True]
     assert [r["chosen_score"] for r in ok] == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_judge_detector_in_math_mode(tmp_path):
+    probs, rows = task(2)
+    solver = FakeSolver(probs)
+    _, out = _run(rows, solver, tmp_path, detector="judge")
+    assert solver.calls == {"generate": 2, "continue_": 1}      # samples, one batched judge call, continuations
+    ok = out.filter(pc.equal(out["status"], "ok")).to_pylist()
+    # unit 2 is the wrong step only in samples 1 and 3 (one pair per problem after dedup)
+    assert [(r["prompt_id"], r["wrong_step"], r["chosen"]) for r in ok] == [(p.id, 2, p.gold_solution) for p in probs]
+    assert all(r["detector_model"] == "fake-solver" and r["judge_model"] == "fake-solver" for r in ok)
+    errors = Counter(r["error"] for r in out.to_pylist() if r["status"] == "filtered")
+    assert errors["the flagged line is already the correct one"] == 4          # samples 0 and 2 of each problem
 
 
 def test_wrong_unit_location():
