@@ -12,7 +12,14 @@ KINDS = ("transformers", "vllm", "http")
 
 def make_backend(kind: str, model: str, **opts) -> Backend:
     """Build a backend by name; `opts` are the fields of that backend's config (TransformersConfig,
-    VLLMConfig, HTTPConfig). Heavy imports happen here, not at package import."""
+    VLLMConfig, HTTPConfig); options given as None are left at their defaults. For http, the tokenizer
+    defaults to the model itself when the model name resolves to a local folder. Heavy imports happen here,
+    not at package import."""
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if kind != "http" and "base_url" in opts:
+        from pipeline.errors import InputError
+
+        raise InputError(f"a server URL only applies to the http backend, not {kind!r}", column="--base-url")
     if kind == "transformers":
         from pipeline.backends.hf import TransformersBackend
 
@@ -30,7 +37,14 @@ def make_backend(kind: str, model: str, **opts) -> Backend:
         return VLLMBackend(model, **opts)
     if kind == "http":
         from pipeline.backends.http_backend import HTTPBackend
+        from pipeline.errors import InputError
+        from pipeline.models import resolve_model
 
+        if "tokenizer" not in opts:
+            try:
+                opts["tokenizer"] = str(resolve_model(model))
+            except InputError:
+                pass  # a remote-only model: chat mode, no logprobs
         return HTTPBackend(model, **opts)
     from pipeline.errors import InputError
 

@@ -11,16 +11,14 @@ import typer
 from pipeline.errors import InputError
 
 
-def backend_options(backend: str, base_url: Optional[str], tokenizer: Optional[str], model: str) -> dict:
-    if backend == "http":
-        return {"base_url": base_url or "http://127.0.0.1:8000/v1",
-                "tokenizer": tokenizer if tokenizer is not None else model}
-    if base_url or tokenizer:
-        raise InputError("--base-url/--tokenizer only apply to --backend http", column="--backend")
-    return {}
-
-
 def register(app: typer.Typer, stage_app: typer.Typer) -> None:
+    import pipeline.backends.generate  # noqa: F401  (registers the `generate` stage)
+    from pipeline.stage import get_stage
+    from pipeline.stage_cli import make_stage_command
+
+    app.command("generate", help="Prompts -> n samples each, into <run-dir>/generate/ (resumable).")(
+        make_stage_command(get_stage("generate")))
+
     @app.command("eval")
     def eval_cmd(
         model: str = typer.Option("tiny-policy", help="tiny-policy, smollm2-135m or a local model folder "
@@ -40,12 +38,14 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
         from pipeline.evaluate import evaluate_task
         from pipeline.tasks.arith import TaskConfig, make_split
 
+        if tokenizer is not None and backend != "http":
+            raise InputError("--tokenizer only applies to --backend http", column="--tokenizer")
         if backend not in KINDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(KINDS)}", column="--backend")
         if split not in ("eval", "train"):
             raise InputError(f"unknown split {split!r}: expected eval or train", column="--split")
         problems = make_split(TaskConfig.tiny(), split, n)
-        be = make_backend(backend, model, **backend_options(backend, base_url, tokenizer, model))
+        be = make_backend(backend, model, base_url=base_url, tokenizer=tokenizer)
         try:
             res = evaluate_task(be, problems, batch_size=batch_size, max_tokens=max_tokens)
         finally:
