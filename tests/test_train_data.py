@@ -13,7 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.errors import InputError  # noqa: E402
-from pipeline.train.data import (TokenizeConfig, collate, encode_lists, encode_pairs, read_table)  # noqa: E402
+from pipeline.train.collate import collate  # noqa: E402
+from pipeline.train.data import TokenizeConfig, encode_lists, encode_pairs, read_table  # noqa: E402
 from pipeline.train.tiny import char_tokenizer  # noqa: E402
 
 TINY_POLICY = Path(__file__).resolve().parents[1] / "data" / "tiny-policy"
@@ -143,9 +144,38 @@ def test_collate_chosen_then_rejected():
         assert b.input_ids[r, :len(ids)].tolist() == ids
         assert b.input_ids[r, len(ids):].tolist() == [0] * (P + 3 - len(ids))
         assert b.attention_mask[r].sum().item() == len(ids)
-        assert b.completion_mask[r].nonzero().flatten().tolist() == list(range(P, len(ids)))
+        mine = b.seq == r  # the scoring plan: hidden state t-1 predicts completion token t
+        T = b.input_ids.shape[1]
+        assert b.src[mine].tolist() == [r * T + t - 1 for t in range(P, len(ids))]
+        assert b.tgt[mine].tolist() == ids[P:]
+    assert b.segments is None and b.attention_mask_4d() is None
     assert b.group.tolist() == [0, 1, 0, 1] and b.slot.tolist() == [0, 0, 1, 1]
     assert b.scatter(torch.tensor([1., 2., 3., 4.])).tolist() == [[1., 3.], [2., 4.]]
+
+
+def test_collate_shared_prompt_layout():
+    tok = char_tokenizer()
+    enc = encode_pairs(_pairs(), tok, TokenizeConfig())
+    b = collate(enc, [0, 2], pad_id=0, share_prompt=True)
+    P, (c0, r0) = len(enc.prompts[0]), enc.completions[0]
+    row0 = enc.prompts[0] + c0 + r0
+    T = b.input_ids.shape[1]
+    assert b.input_ids.shape[0] == 2 and b.input_ids[0, :len(row0)].tolist() == row0
+    assert b.position_ids[0, :len(row0)].tolist() == list(range(P + len(c0))) + list(range(P, P + len(r0)))
+    assert b.segments[0, :len(row0)].tolist() == [0] * P + [1] * len(c0) + [2] * len(r0)
+    # sequence numbering is the separate layout's: [chosen of both groups ; rejected of both groups]
+    assert b.group.tolist() == [0, 1, 0, 1] and b.slot.tolist() == [0, 0, 1, 1]
+    rej = b.seq == 2  # rejected of group 0: its first token is predicted by the last prompt token
+    assert b.src[rej].tolist() == [P - 1] + list(range(P + len(c0), P + len(c0) + len(r0) - 1))
+    assert b.tgt[rej].tolist() == r0
+    m = b.attention_mask_4d()[0, 0]
+    first_rej = P + len(c0)
+    assert m[first_rej, :P].all() and not m[first_rej, P:first_rej].any() and m[first_rej, first_rej]
+    assert m[P, :P + 1].all() and not m[P, P + 1:].any()
+    add = b.attention_mask_4d(torch.float32)[0, 0]
+    assert add[first_rej, P].item() == torch.finfo(torch.float32).min and add[first_rej, 0].item() == 0.0
+    assert b.num_tokens() == sum(len(enc.prompts[i]) + sum(map(len, enc.completions[i])) for i in (0, 2))
+    assert T == max(len(enc.prompts[i]) + sum(map(len, enc.completions[i])) for i in (0, 2))
 
 
 def test_lists_variable_size():

@@ -17,7 +17,7 @@ os.environ["PREFPIPE_NO_PROGRESS"] = "1"
 
 from pipeline.errors import InputError  # noqa: E402
 from pipeline.train.config import TrainConfig, load_config, parse_config  # noqa: E402
-from pipeline.train.data import collate  # noqa: E402
+from pipeline.train.collate import collate  # noqa: E402
 from pipeline.train.forward import row_logps  # noqa: E402
 from pipeline.train.losses import LossConfig, PairBatch, pair_loss  # noqa: E402
 from pipeline.train.tiny import char_tokenizer, tiny_llama  # noqa: E402
@@ -95,6 +95,39 @@ def test_fused_head_equals_plain_head_in_the_model(setup):
     assert g1.keys() == g2.keys() and len(g1) == len(list(model.parameters()))
     worst = max((g1[k] - g2[k]).abs().max().item() for k in g1)
     assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_layout_equals_separate(attn):
+    """One row per pair (prompt once, block mask, restarted positions) gives the separate layout's log-probs
+    and gradients; lists of 3 too."""
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), seed=2)
+    model.config._attn_implementation = attn
+    from pipeline.train.data import TokenizeConfig, encode_lists, encode_pairs
+    pairs = encode_pairs(_pair_table(), tok, TokenizeConfig())
+    lists = encode_lists(pa.table({"prompt": ["a", "bb"], "responses": [["1", "22", "333"], ["x", "yy"]],
+                                   "scores": [[3.0, 2.0, 1.0], [1.0, 0.0]]}), tok, TokenizeConfig())
+    for data, idx in ((pairs, [0, 3, 5, 9]), (lists, [0, 1])):
+        outs = []
+        for share in (False, True):
+            model.zero_grad(set_to_none=True)
+            b = collate(data, idx, pad_id=0, share_prompt=share)
+            out = row_logps(model, b, chunk_tokens=13)
+            (b.scatter(out.logps) * torch.arange(1.0, 1.0 + b.slot_mask.shape[1])).sum().backward()
+            outs.append((b.scatter(out.logps).detach(), b.scatter(out.tokens), _grads(model)))
+        (l1, n1, g1), (l2, n2, g2) = outs
+        assert torch.equal(n1, n2)
+        assert (l1 - l2).abs().max().item() <= 1e-4 and l1.abs().max().item() > 10  # sums of ~30 token logps
+        scale = max(1.0, max(g.abs().max().item() for g in g1.values()))
+        assert max((g1[k] - g2[k]).abs().max().item() for k in g1) <= 1e-6 * scale
+
+
+def test_shared_prompt_training_step1_ln2(setup, tmp_path):
+    tok, model, path = setup
+    res = Trainer(_cfg(path, tmp_path, micro_batch=8, max_steps=1, share_prompt=True), model=model,
+                  tokenizer=tok).train()
+    assert abs(res.history[0]["loss"] - math.log(2)) < 1e-6
 
 
 @pytest.mark.parametrize("loss", [{}, {"rpo_alpha": 1.0}])

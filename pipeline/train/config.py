@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; weights and optimizer stay fp32")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel of the loaded model (sdpa: causal flash kernel, no [T, T] scores)")
+    share_prompt: bool = Field(
+        False, description="one row per pair/list: the prompt is computed once and every completion attends to "
+        "it through a block mask (same log-probs; fewer tokens when prompts are long)")
     head_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the fused LM head")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
 

@@ -1,4 +1,4 @@
-"""Training data: read pair and ranked-list tables, tokenize each piece once, collate [chosen ; rejected].
+"""Training data: read pair and ranked-list tables and tokenize each piece once (collation: collate.py).
 
 Tokenization (the same for the policy, the cached reference pass and every epoch, because it happens once):
 - prompt ids = the chat template applied to [system?, user] with add_generation_prompt=True, rendered to text
@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import InputError
@@ -299,63 +298,6 @@ def _assemble(n_rows, prompts, comps, scores, cfg, enc) -> Encoded:
             kept_s.append([float(s) for s in scores[i]])
     return Encoded(np.asarray(rows, dtype=np.int64), kept_p, kept_c, kept_s if scores is not None else None,
                    stats)
-
-
-# ---------------------------------------------------------------------------------------------------- collation
-
-@dataclass
-class Batch:
-    """R = sum of group sizes sequences, right-padded to T. Rows are slot-major: for pairs, the first B rows
-    are the chosen completions and the next B the rejected ones ([chosen ; rejected])."""
-    input_ids: torch.Tensor        # [R, T] int64
-    attention_mask: torch.Tensor   # [R, T] int64
-    completion_mask: torch.Tensor  # [R, T] bool: token t is a scored completion token
-    group: torch.Tensor            # [R] which group (pair / list) of the batch the row belongs to
-    slot: torch.Tensor             # [R] its position in the group (0 = chosen, 1 = rejected for pairs)
-    index: torch.Tensor            # [B] index of each group in the Encoded data
-    slot_mask: torch.Tensor        # [B, K] which slots exist (lists may have different sizes)
-
-    @property
-    def num_groups(self) -> int:
-        return int(self.index.numel())
-
-    def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
-
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    def scatter(self, per_row: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """[R] values -> [B, K] by (group, slot); missing slots get `fill`."""
-        out = per_row.new_full(self.slot_mask.shape, fill)
-        out[self.group, self.slot] = per_row
-        return out
-
-
-def collate(data: Encoded, indices: list[int] | np.ndarray, pad_id: int) -> Batch:
-    """One batch holding every completion of the given groups: a single forward covers chosen+rejected."""
-    indices = [int(i) for i in indices]
-    k_max = max(len(data.completions[i]) for i in indices)
-    seqs, comp_start, groups, slots = [], [], [], []
-    for k in range(k_max):  # slot-major order
-        for b, i in enumerate(indices):
-            if k < len(data.completions[i]):
-                seqs.append(data.prompts[i] + data.completions[i][k])
-                comp_start.append(len(data.prompts[i]))
-                groups.append(b)
-                slots.append(k)
-    lengths = torch.tensor([len(s) for s in seqs])
-    T = int(lengths.max())
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-    pos = torch.arange(T)[None, :]
-    attn = (pos < lengths[:, None]).long()
-    comp = (pos >= torch.tensor(comp_start)[:, None]) & attn.bool()
-    slot_mask = torch.zeros(len(indices), k_max, dtype=torch.bool)
-    groups_t, slots_t = torch.tensor(groups), torch.tensor(slots)
-    slot_mask[groups_t, slots_t] = True
-    return Batch(ids, attn, comp, groups_t, slots_t, torch.tensor(indices), slot_mask)
 
 
 def pad_id_of(tokenizer) -> int:

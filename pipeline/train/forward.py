@@ -5,14 +5,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.train.data import Batch
+from pipeline.train.collate import Batch
 from pipeline.train.head import DEFAULT_CHUNK_TOKENS, chunked_logprobs, plain_logprobs
 
 
 @dataclass
 class RowLogps:
-    logps: torch.Tensor    # [R] fp32, sum over the row's completion tokens
-    tokens: torch.Tensor   # [R] number of completion tokens
+    logps: torch.Tensor    # [S] fp32, sum over each sequence's scored completion tokens
+    tokens: torch.Tensor   # [S] number of scored tokens
 
 
 def backbone_and_head(model):
@@ -30,25 +30,30 @@ def backbone_and_head(model):
 
 
 def row_logps(model, batch: Batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fused: bool = True) -> RowLogps:
-    """Per-row sums of log p(completion token | prefix) for a right-padded batch.
+    """Per-sequence sums of log p(completion token | everything before it) for a collated batch.
 
-    Only the hidden states that predict completion tokens reach the head: position t-1 predicts token t, so
-    the selected positions are completion_mask[:, 1:] applied to hidden[:, :-1].
+    Only the hidden states named by the batch's scoring plan reach the head (prompt and padding never do).
     """
     body, head = backbone_and_head(model)
-    # Rows are right-padded and attention is causal, so no real token ever attends to padding: the padding
-    # mask changes nothing we score. Leaving it out lets SDPA take its causal (flash) kernel instead of
-    # materialising a [rows, heads, T, T] masked score matrix.
-    hidden = body(input_ids=batch.input_ids, attention_mask=None).last_hidden_state
-    target_mask = batch.completion_mask[:, 1:]
-    h = hidden[:, :-1][target_mask]
-    targets = batch.input_ids[:, 1:][target_mask]
-    rows = torch.arange(batch.input_ids.shape[0], device=h.device)[:, None].expand_as(target_mask)[target_mask]
+    # Separate layout: rows are right-padded and attention is causal, so no real token attends to padding and
+    # no mask is needed; that lets SDPA take its causal kernel instead of building [rows, heads, T, T] scores.
+    mask = None
+    if batch.segments is not None:
+        eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        mask = batch.attention_mask_4d(_float_dtype(model) if eager else None)
+    hidden = body(input_ids=batch.input_ids, attention_mask=mask,
+                  position_ids=batch.position_ids).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.src)
     if fused:
-        tok = chunked_logprobs(h, head.weight, targets, bias=head.bias, chunk_tokens=chunk_tokens)
+        tok = chunked_logprobs(h, head.weight, batch.tgt, bias=head.bias, chunk_tokens=chunk_tokens)
     else:
-        tok = plain_logprobs(h, head.weight, targets, bias=head.bias)
-    n_rows = batch.input_ids.shape[0]
-    sums = torch.zeros(n_rows, dtype=torch.float32, device=h.device).index_add(0, rows, tok)
-    counts = target_mask.sum(1)
+        tok = plain_logprobs(h, head.weight, batch.tgt, bias=head.bias)
+    n = batch.num_sequences
+    sums = torch.zeros(n, dtype=torch.float32, device=h.device).index_add(0, batch.seq, tok)
+    counts = torch.zeros(n, dtype=torch.long, device=h.device).index_add(0, batch.seq, torch.ones_like(batch.seq))
     return RowLogps(sums, counts)
+
+
+def _float_dtype(model) -> torch.dtype:
+    dev = next(model.parameters()).device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else next(model.parameters()).dtype

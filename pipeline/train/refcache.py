@@ -20,7 +20,8 @@ import torch
 
 from pipeline.fingerprint import canonical_json
 from pipeline.store import atomic_write_bytes, atomic_write_table
-from pipeline.train.data import Encoded, TokenizeConfig, collate
+from pipeline.train.collate import collate
+from pipeline.train.data import Encoded, TokenizeConfig
 from pipeline.train.forward import row_logps
 
 CACHE_VERSION = "1"
@@ -89,7 +90,8 @@ class RefLogps:
 
 @torch.no_grad()
 def compute_ref_logps(model, data: Encoded, pad_id: int, batch_groups: int = 16, device="cpu",
-                      autocast_dtype: torch.dtype | None = None, chunk_tokens: int = 1024) -> tuple[list[list[float]], int]:
+                      autocast_dtype: torch.dtype | None = None, chunk_tokens: int = 1024,
+                      share_prompt: bool = False) -> tuple[list[list[float]], int]:
     """Summed completion log-probs of every completion, in one no-grad pass. Groups are batched in length
     order so padding stays small. Returns (per-group lists, number of forwards)."""
     was_training = model.training
@@ -100,7 +102,7 @@ def compute_ref_logps(model, data: Encoded, pad_id: int, batch_groups: int = 16,
     forwards = 0
     for s in range(0, len(order), batch_groups):
         idx = order[s:s + batch_groups]
-        batch = collate(data, idx, pad_id).to(device)
+        batch = collate(data, idx, pad_id, share_prompt).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             res = row_logps(model, batch, chunk_tokens=chunk_tokens)
@@ -134,7 +136,7 @@ def _read_cached(path: Path, data: Encoded, kind: str) -> list[list[float]] | No
 def reference_logps(model_fn, weights: str, tokenizer, tok_cfg: TokenizeConfig, table: pa.Table,
                     data: Encoded, kind: str, cache_dir: str | Path, pad_id: int, *, batch_groups: int = 16,
                     device="cpu", autocast_dtype: torch.dtype | None = None,
-                    chunk_tokens: int = 1024) -> RefLogps:
+                    chunk_tokens: int = 1024, share_prompt: bool = False) -> RefLogps:
     """The cached reference log-probs for `data`, computing them (and writing the cache) on a miss.
 
     `model_fn()` returns the reference model; it is only called on a miss, so a warm cache never loads it.
@@ -148,7 +150,7 @@ def reference_logps(model_fn, weights: str, tokenizer, tok_cfg: TokenizeConfig, 
         if cached is not None:
             return RefLogps(cached, path, reused=True, forwards=0)
     per_group, forwards = compute_ref_logps(model_fn(), data, pad_id, batch_groups, device, autocast_dtype,
-                                            chunk_tokens)
+                                            chunk_tokens, share_prompt)
     kept = table.take(pa.array(data.rows))
     kept = kept.drop_columns([c for c in ("source_row", "ref_chosen_logp", "ref_rejected_logp", "ref_logps")
                               if c in kept.column_names])

@@ -25,8 +25,8 @@ import torch
 
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import Batch, Encoded, collate, encode_lists, encode_pairs, encode_sft, pad_id_of, \
-    read_table
+from pipeline.train.collate import Batch, collate
+from pipeline.train.data import Encoded, encode_lists, encode_pairs, encode_sft, pad_id_of, read_table
 from pipeline.train.forward import row_logps
 from pipeline.train.losses import BATCH_COUPLED_TYPES, ListBatch, LossState, PairBatch, list_loss, pair_loss
 from pipeline.train.losses.types import REFERENCE_FREE_TYPES
@@ -73,7 +73,8 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str):
 
     from pipeline.models import resolve_model
     folder = resolve_model(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation=cfg.attn_implementation,
                                                  trust_remote_code=cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     return model, tok, folder
@@ -162,7 +163,8 @@ class Trainer:
         res = reference_logps(self._load_ref_model, self._ref_weights_id(), self.tokenizer, self.cfg.tokenize,
                               self.table, self.data, kind, cache_dir, self.pad_id,
                               batch_groups=self.cfg.ref_batch_size, device=self.device,
-                              autocast_dtype=self.autocast, chunk_tokens=self.cfg.head_chunk_tokens)
+                              autocast_dtype=self.autocast, chunk_tokens=self.cfg.head_chunk_tokens,
+                              share_prompt=self.cfg.share_prompt)
         k = max(len(g) for g in res.per_group)
         self.ref = np.full((len(res.per_group), k), np.nan)
         for i, g in enumerate(res.per_group):
@@ -183,7 +185,8 @@ class Trainer:
         ref = self._group_tensor(batch, self.ref) if self.ref is not None else None
         if self.kind == "sft":
             loss = -pol[:, 0].sum() / n_tokens
-            return loss, {"nll": loss.detach() * n_tokens / tok[:, 0].sum(), "logps/chosen": pol[:, 0].detach().mean()}
+            return loss, {"nll": loss.detach() * n_tokens / tok[:, 0].sum(),
+                          "logps/chosen": pol[:, 0].detach().mean()}
         if self.kind == "pairs":
             pb = PairBatch(pol[:, 0], pol[:, 1], ref[:, 0] if ref is not None else None,
                            ref[:, 1] if ref is not None else None, tok[:, 0], tok[:, 1],
@@ -236,7 +239,7 @@ class Trainer:
         sums: dict[str, float] = {"loss": 0.0, "num_tokens": 0}
         for s in range(0, n_items, self.cfg.micro_batch):
             micro = groups[s:s + self.cfg.micro_batch]
-            batch = collate(self.data, micro, self.pad_id).to(self.device)
+            batch = collate(self.data, micro, self.pad_id, self.cfg.share_prompt).to(self.device)
             loss, metrics = self.micro_loss(batch, n_items, n_tokens)
             loss.backward()
             sums["num_tokens"] += batch.num_tokens()
