@@ -63,6 +63,7 @@ STAGE_FIELDS = [
     pa.field("wrong_step", pa.int16()),             # math: 1-based first wrong step (n_steps + 1 = answer line)
     pa.field("chosen_verified", pa.bool_()),        # math: chosen passes the step verifier
     pa.field("sample_index", pa.int16()),
+    pa.field("meta", pa.string()),                  # the task record, carried so later stages can verify
 ]
 
 
@@ -405,8 +406,9 @@ def _base(r: dict, cfg, backend, ctx: StageContext, sample: int, created) -> dic
     model = getattr(backend, "model_id", None) or "unknown"
     return {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "stage": STAGE, "method": cfg.mode,
             "generator_model": model, "created_at": created, "row_key": ctx.row_key(r["prompt_id"], sample),
-            "sample_index": sample, "detector_model": model if cfg.resolved_detector() == "judge" else
-            cfg.resolved_detector(), "judge_model": model if cfg.resolved_detector() == "judge" else None}
+            "sample_index": sample, "meta": r.get("meta"),
+            "detector_model": model if cfg.resolved_detector() == "judge" else cfg.resolved_detector(),
+            "judge_model": model if cfg.resolved_detector() == "judge" else None}
 
 
 def _trajectory_row(t: Trajectory, r: dict, cfg, backend, ctx, created, patterns, seen: set) -> dict:

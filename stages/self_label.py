@@ -52,6 +52,7 @@ STAGE_FIELDS = [
     pa.field("low_confidence", pa.bool_()),
     pa.field("chosen_correct", pa.bool_()),      # verifiable prompts only (a `meta` column), else null
     pa.field("rejected_correct", pa.bool_()),
+    pa.field("meta", pa.string()),               # the task record, carried so later stages can verify
 ]
 
 
@@ -158,7 +159,8 @@ def label_row(r: dict, texts: list[str], rewards: list[float], cfg: SelfLabelCon
            "rejected_reward": rewards[j], "n_samples": len(texts), "judge_policy_ckpt": models[0],
            "judge_ref_ckpt": models[1], "selection_strategy": cfg.selection,
            "low_confidence": conf < cfg.low_confidence_threshold, "chosen_correct": correct[0],
-           "rejected_correct": correct[1], "extra": {"rewards": rewards, "chosen_index": c, "rejected_index": j}}
+           "rejected_correct": correct[1], "meta": r.get("meta"),
+           "extra": {"rewards": rewards, "chosen_index": c, "rejected_index": j}}
     reason = None
     if len(set(texts)) == 1:
         reason = f"all {len(texts)} samples are the same text"

@@ -113,6 +113,19 @@ def test_math_correction_gives_exactly_these_pairs(tmp_path):
     assert res.summary["status"]["main"] == {"ok": 5, "filtered": 7}
 
 
+def test_output_chains_into_reward_relabel_with_verifier_scores(tmp_path):
+    from stages.reward_relabel import RewardRelabelConfig
+    probs, rows = task(2)
+    _, pairs = _run(rows, FakeSolver(probs), tmp_path)
+    res = run_stage(get_stage("reward-relabel"), pairs, RewardRelabelConfig(score_source="verifier"), None,
+                    RunStore(tmp_path / "run"), progress=False)
+    out = res.read()
+    n_ok = pc.sum(pc.equal(pairs["status"], "ok")).as_py()
+    assert res.summary["status"]["main"] == {"ok": 2 * n_ok, "filtered": pairs.num_rows - n_ok}
+    ok = out.filter(pc.equal(out["status"], "ok"))
+    assert ok["chosen_score"].to_pylist() == [10.0, 1.0] * n_ok       # corrected chosen right, wrong line wrong
+
+
 def test_rejected_keeps_the_remainder_when_asked_and_unverified_pairs_can_be_kept(tmp_path):
     probs, rows = task(2)
     _, out = _run(rows, FakeSolver(probs, bad=[probs[1].id]), tmp_path, rejected_keep_remainder=True,

@@ -206,11 +206,11 @@ from pipeline.engine import run_stage
 from pipeline.stage import get_stage
 from pipeline.store import RunStore
 from stages.reward_relabel import RewardRelabelConfig, as_pair_input
-import pipeline.engine as engine
 n = 90
 raw = pa.table({"prompt_id": [f"q{i}" for i in range(n)], "prompt": [f"question {i}" for i in range(n)],
                 "chosen": [f"good {i}" for i in range(n)], "rejected": [f"bad {i}" for i in range(n)],
-                "chosen_score": [float(i % 7 + 3) for i in range(n)], "rejected_score": [float(i % 3) for i in range(n)]})
+                "chosen_score": [float(i % 7 + 3) for i in range(n)],
+                "rejected_score": [float(i % 3) for i in range(n)]})
 rows = as_pair_input(raw)
 rows = rows.set_column(rows.schema.get_field_index("created_at"), "created_at",
                        pa.array([0] * n, pa.timestamp("us", tz="UTC")))
