@@ -274,7 +274,8 @@ def test_tiny_policy_corrected_chosen_verifies(tmp_path):
 
     from pipeline.backends import make_backend
     torch.set_num_threads(2)
-    probs, rows = task(60)
+    probs = make_split(TaskConfig.tiny(), "eval", 60)       # problems the policy was not trained on
+    rows = problems_to_table(probs)
     backend = make_backend("transformers", "tiny-policy")
     _, out = _run(rows, backend, tmp_path, keep_unverified=True, n_samples=4, max_tokens=160,
                   continue_max_tokens=160)
