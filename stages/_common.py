@@ -10,6 +10,7 @@ import json
 
 import pyarrow as pa
 
+from schemas.errors import InputError
 from schemas.tables import PAIRS
 
 
@@ -43,3 +44,15 @@ def pairs_table(rows: list[dict], stage_fields: list[pa.Field]) -> pa.Table:
         else:
             arrays.append(pa.array(values, f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def task_problem(record: dict):
+    """The bundled task's Problem of a row with a `meta` record, else None; a bad record is an InputError
+    naming the column and the prompt_id (stages call this before any model call)."""
+    if record.get("meta") is None:
+        return None
+    from pipeline.tasks.verify import problem_from_meta
+    try:
+        return problem_from_meta(record["meta"])
+    except InputError as e:
+        raise InputError(f"{e.reason} (prompt_id {record.get('prompt_id')!r})", column="meta") from None

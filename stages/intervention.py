@@ -36,7 +36,7 @@ from pydantic import Field
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table
+from stages._common import now_utc, pair_id, pairs_table, task_problem
 
 STAGE = "intervened"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -299,15 +299,20 @@ def _math_locate(trajs: list[Trajectory], problems: list, cfg, backend) -> None:
             t.assistant_prefix = t.prefix + correct + "\n"
 
 
-def _run_math(records: list[dict], cfg: InterventionConfig, backend, ctx: StageContext, samples) -> list[Trajectory]:
-    from pipeline.tasks.verify import problem_from_meta, verify_steps
-
-    problems = []
-    for r in records:
-        if r.get("meta") is None:
+def task_problems(records: list[dict]) -> list:
+    """The bundled task's Problem of every row (from `meta`); checked before any model call."""
+    problems = [task_problem(r) for r in records]
+    for r, p in zip(records, problems):
+        if p is None:
             raise InputError(f"math_correction needs the task's 'meta' column (prompt_id {r['prompt_id']!r})",
                              column="meta")
-        problems.append(problem_from_meta(r["meta"]))
+    return problems
+
+
+def _run_math(records: list[dict], problems: list, cfg: InterventionConfig, backend, ctx: StageContext,
+              samples) -> list[Trajectory]:
+    from pipeline.tasks.verify import verify_steps
+
     trajs = [Trajectory(i, s, c.text) for i, comps in enumerate(samples) for s, c in enumerate(comps)]
     _math_locate(trajs, problems, cfg, backend)
     todo = [t for t in trajs if t.reason is None and t.chosen is None]
@@ -446,9 +451,10 @@ def run(rows: pa.Table, cfg: InterventionConfig, backend, ctx: StageContext) -> 
         raise InputError("the verifier detector works only in math_correction mode", column="detector")
     records = rows.to_pylist()
     patterns = load_patterns(cfg) if cfg.mode == "safety_trigger" else None
+    problems = task_problems(records) if cfg.mode == "math_correction" else None
     samples = backend.generate([r["prompt"] for r in records], cfg.sample_params(ctx.seed), n=cfg.n_samples)
     if cfg.mode == "math_correction":
-        trajs = _run_math(records, cfg, backend, ctx, samples)
+        trajs = _run_math(records, problems, cfg, backend, ctx, samples)
     else:
         trajs = _run_safety(records, cfg, backend, ctx, samples, patterns)
     created = now_utc()

@@ -37,9 +37,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.backends.base import SamplingParams
-from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table
+from stages._common import now_utc, pair_id, pairs_table, task_problem
 
 STAGE = "self_label"
 STAGE_FIELDS = [
@@ -133,22 +132,18 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def _correctness(record: dict, texts: list[str]) -> list[bool | None]:
-    if record.get("meta") is None:
+def _correctness(problem, texts: list[str]) -> list[bool | None]:
+    if problem is None:
         return [None] * len(texts)
-    from pipeline.tasks.verify import problem_from_meta, verify_answer
-    try:
-        problem = problem_from_meta(record["meta"])
-    except InputError as e:
-        raise InputError(f"{e.reason} (prompt_id {record['prompt_id']!r})", column="meta") from None
+    from pipeline.tasks.verify import verify_answer
     return [verify_answer(t, problem) for t in texts]
 
 
-def label_row(r: dict, texts: list[str], rewards: list[float], cfg: SelfLabelConfig, ctx: StageContext,
-              models: tuple[str, str], created) -> dict:
+def label_row(r: dict, problem, texts: list[str], rewards: list[float], cfg: SelfLabelConfig,
+              ctx: StageContext, models: tuple[str, str], created) -> dict:
     """One pair row for a prompt (or a filtered row saying why there is none)."""
     c, j = select(rewards, cfg.selection, random.Random(ctx.row_seed(r["prompt_id"], "reject")))
-    correct = _correctness(r, [texts[c], texts[j]])
+    correct = _correctness(problem, [texts[c], texts[j]])
     margin = rewards[c] - rewards[j]
     conf = sigmoid(cfg.beta * margin)
     row = {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": texts[c], "rejected": texts[j],
@@ -180,6 +175,7 @@ def label_row(r: dict, texts: list[str], rewards: list[float], cfg: SelfLabelCon
 def run(rows: pa.Table, cfg: SelfLabelConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
     """SPA self-labels: K samples, implicit reward log π − log π_ref, chosen = argmax, rejected = argmin."""
     records = rows.to_pylist()
+    problems = [task_problem(r) for r in records]
     ref = reference_backend(cfg, backend)
     models = (getattr(backend, "model_id", "unknown"), getattr(ref, "model_id", "unknown"))
     prompts = [r["prompt"] for r in records]
@@ -187,7 +183,8 @@ def run(rows: pa.Table, cfg: SelfLabelConfig, backend, ctx: StageContext) -> dic
                                                                      n=cfg.n_samples)]
     rewards = implicit_rewards(prompts, samples, backend, ref)
     created = now_utc()
-    out = [label_row(r, t, w, cfg, ctx, models, created) for r, t, w in zip(records, samples, rewards)]
+    out = [label_row(r, p, t, w, cfg, ctx, models, created)
+           for r, p, t, w in zip(records, problems, samples, rewards)]
     ctx.progress(rows.num_rows)
     return {"main": pairs_table(out, STAGE_FIELDS)}
 

@@ -230,6 +230,11 @@ def test_malformed_input_is_rejected_with_a_clear_error(tmp_path):
     probs, rows = task(2)
     with pytest.raises(InputError, match=r"column 'meta'.*math_correction needs"):
         _run(rows.drop_columns(["meta"]), FakeSolver(probs), tmp_path)
+    solver = FakeSolver(probs)
+    bad = rows.set_column(rows.schema.get_field_index("meta"), "meta", pa.array(["{}", "{}"]))
+    with pytest.raises(InputError, match=r"column 'meta'.*not an arith problem record.*prompt_id"):
+        _run(bad, solver, tmp_path, "m")
+    assert solver.calls["generate"] == 0                         # rejected before any model call
     with pytest.raises(InputError, match=r"column 'prompt'.*missing required column"):
         _run(rows.drop_columns(["prompt"]), FakeSolver(probs), tmp_path, "b")
     bad = tmp_path / "t.yaml"

@@ -132,6 +132,7 @@ def test_malformed_input_is_rejected_with_a_clear_error(tmp_path):
     bad = prompts(["q1"]).append_column("meta", pa.array(["{not json"]))
     with pytest.raises(InputError, match=r"column 'meta'.*prompt_id 'q1'"):
         _run(bad, pol, tmp_path, "b", ref_model="sft-test4", n_samples=3)
+    assert pol.calls["generate"] == 0                            # rejected before any model call
     with pytest.raises(Exception, match="greater than or equal to 2"):
         SelfLabelConfig(n_samples=1)
     with pytest.raises(InputError, match="neither a built-in name"):
