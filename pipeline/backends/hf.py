@@ -144,7 +144,7 @@ class TransformersBackend(TokenizedBackend):
 
     def _forward(self, ids, mask, positions, cache, keep: int):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True, logits_to_keep=keep).logits
+                          use_cache=cache is not None, logits_to_keep=keep).logits
 
     @torch.inference_mode()
     def _decode_batch(self, prompts: list[list[int]], sp: SamplingParams, n: int,

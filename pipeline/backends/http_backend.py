@@ -6,7 +6,8 @@ Two modes:
   backends token for token.
 - without one: `/v1/chat/completions`; the server applies its chat template. `continue_` uses vLLM's
   `continue_final_message` extension.
-Requests run on a thread pool (the concurrency cap) and are retried with jittered exponential backoff on
+Token ids and counts come from the server (vLLM's `return_token_ids`, `usage`); a server that sends no ids
+leaves `token_ids` empty. Requests run on a thread pool (the concurrency cap) and are retried with jittered exponential backoff on
 429, 5xx, timeouts and connection errors. The API key is read from an environment variable and never logged.
 """
 from __future__ import annotations
@@ -146,10 +147,7 @@ class HTTPBackend:
         out = []
         for ch in choices:
             text = text_of(ch)
-            ids = ch.get("token_ids")
-            if ids is None and self.tokenizer is not None:
-                ids = encode_text(self.tokenizer, text)
-            ids = list(ids or [])
+            ids = list(ch.get("token_ids") or [])  # vLLM's return_token_ids; other servers: none
             n_tok = len(ids) or (int(usage) if usage is not None and n == 1 else 0)
             reason = _finish(ch)
             stop_reason = ch.get("stop_reason")
@@ -168,9 +166,10 @@ class HTTPBackend:
             raise ValueError(f"{len(prompts)} prompts but {len(prefixes)} assistant prefixes")
         jobs = [(p, prefixes[i] if prefixes is not None else None) for i, p in enumerate(prompts)]
         if self.tokenizer is not None:
-            tok = self.tokenizer
-            return self._map(lambda j: self._complete_ids(encode_text(tok, render_prompt(tok, j[0], j[1])),
-                                                          sp, k), jobs)
+            # Tokenize here, not in the worker threads: one Rust tokenizer shared across threads can fail
+            # with "Already borrowed".
+            ids = [encode_text(self.tokenizer, render_prompt(self.tokenizer, p, prefix)) for p, prefix in jobs]
+            return self._map(lambda i: self._complete_ids(i, sp, k), ids)
         return self._map(lambda j: self._chat(as_messages(j[0]), j[1], sp, k), jobs)
 
     def generate(self, prompts: list[Prompt], sampling: SamplingParams | None = None,
