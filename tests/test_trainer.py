@@ -290,3 +290,16 @@ def test_cli_input_errors_exit_2(setup, tmp_path, monkeypatch, capsys):
     code, out = _run_cli(["train", "--model", str(model_dir), "--data", str(bad), "-o", str(tmp_path / "o")],
                          monkeypatch, capsys)
     assert code == 2 and f"file {bad}" in out.err and "column 'rejected'" in out.err
+
+
+def test_gradient_checkpointing_same_grads(setup, tmp_path):
+    tok, model, path = setup
+    grads = []
+    for gc in (False, True):
+        t = Trainer(_cfg(path, tmp_path, micro_batch=4, gradient_checkpointing=gc), model=copy.deepcopy(model),
+                    tokenizer=tok)
+        t.setup()
+        assert t.model.is_gradient_checkpointing == gc
+        t.accumulate([0, 1, 2, 3])
+        grads.append(_grads(t.model))
+    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) <= 1e-5

@@ -52,6 +52,8 @@ class TrainConfig(BaseModel):
     share_prompt: bool = Field(
         False, description="one row per pair/list: the prompt is computed once and every completion attends to "
         "it through a block mask (same log-probs; fewer tokens when prompts are long)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward (less memory, ~1/3 more compute)")
     head_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the fused LM head")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
 

@@ -26,8 +26,13 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     z = h @ w.T
     if b is not None:
-        z = z + b
+        z += b
     return z
+
+
+def _fp32_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's logits as a fresh fp32 buffer that the caller may overwrite in place."""
+    return _chunk_logits(h, w, b).float()
 
 
 class _ChunkedLogProbs(torch.autograd.Function):
@@ -42,9 +47,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
             lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
             for s in range(0, n, chunk_tokens):
                 e = min(s + chunk_tokens, n)
-                z = _chunk_logits(hidden[s:e].to(cdt), w, b).float()
-                lse[s:e] = torch.logsumexp(z, dim=-1)
-                logps[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+                z = _fp32_logits(hidden[s:e].to(cdt), w, b)
+                target_logit = z.gather(1, targets[s:e, None]).squeeze(1)
+                # logsumexp in place on the one [chunk, V] buffer (torch.logsumexp would allocate a second)
+                m = z.amax(dim=-1, keepdim=True)
+                chunk_lse = z.sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(1))
+                lse[s:e] = chunk_lse
+                logps[s:e] = target_logit - chunk_lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_tokens, ctx.cdt = chunk_tokens, cdt
         return logps
@@ -65,9 +74,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             for s in range(0, hidden.shape[0], chunk_tokens):
                 e = min(s + chunk_tokens, hidden.shape[0])
                 h = hidden[s:e].to(cdt)
-                p = torch.exp(_chunk_logits(h, w, b).float() - lse[s:e, None])
                 g = g_all[s:e]
-                dz = p.mul_(-g[:, None])
+                # softmax, then dz = g * (onehot - p), all in place on one [chunk, V] fp32 buffer
+                dz = _fp32_logits(h, w, b).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
                 dz.scatter_add_(1, targets[s:e, None], g[:, None])
                 if need_b:
                     grad_b += dz.sum(0)
@@ -75,7 +84,10 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 if need_h:
                     grad_h[s:e] = (dz_c @ w).to(hidden.dtype)
                 if need_w:
-                    grad_w += (dz_c.T @ h).float()
+                    if cdt == torch.float32:
+                        grad_w.addmm_(dz_c.T, h)  # accumulate without a [V, H] temporary
+                    else:
+                        grad_w += (dz_c.T @ h).float()
         return (grad_h,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None,

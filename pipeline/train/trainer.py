@@ -269,6 +269,8 @@ class Trainer:
         self.model.to(self.device)
         self.model.train()
         disable_dropout(self.model)
+        if self.cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def train(self) -> TrainResult:
         cfg = self.cfg
