@@ -94,7 +94,7 @@ class TaskConfig(BaseModel):
     def tiny(cls, **overrides) -> "TaskConfig":
         """The difficulty the committed tiny policy (data/tiny-policy) was trained on; see its TRAINING.md."""
         base = dict(min_steps=3, max_steps=4, start_min=10, start_max=99, operand_min=2, operand_max=9,
-                    mul_min=2, mul_max=9, max_value=999, ops=["+", "-", "*"])
+                    mul_min=2, mul_max=9, max_value=999, ops=["+", "-", "*"], templates=["compact", "think"])
         return cls(**{**base, **overrides})
 
 

@@ -17,7 +17,6 @@ class Template:
     phrases: dict[str, str]  # op symbol -> sentence fragment
     question: str
     items: tuple[str, ...] = ("things",)
-    uses_person: bool = True
 
 
 PEOPLE: tuple[tuple[str, str, str], ...] = (
@@ -50,7 +49,6 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
                  "*": "the number of passengers becomes {k} times as large.",
                  "/": "only one in every {k} passengers stays on."},
         question="How many passengers are on the bus now?",
-        uses_person=False,
     ),
     Template(
         name="warehouse",
@@ -59,7 +57,6 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
                  "*": "the stock is multiplied by {k}.",
                  "/": "the boxes are split evenly across {k} warehouses and this one keeps its share."},
         question="How many boxes are in the warehouse now?",
-        uses_person=False,
     ),
     Template(
         name="score",
@@ -75,7 +72,20 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
                  "*": "the amount of water is multiplied by {k}.",
                  "/": "the water is shared equally among {k} tanks and we follow one of them."},
         question="How many liters are in the tank now?",
-        uses_person=False,
+    ),
+    # Two terse templates: short prompts keep a char-level policy's sequences short (the tiny preset uses them).
+    Template(
+        name="compact",
+        intro="Start with {n}.",
+        phrases={"+": "add {k}.", "-": "subtract {k}.", "*": "multiply by {k}.", "/": "divide by {k}."},
+        question="What is the result?",
+    ),
+    Template(
+        name="think",
+        intro="{who} thinks of {n}.",
+        phrases={"+": "{pron} adds {k}.", "-": "{pron} takes away {k}.", "*": "{pron} multiplies it by {k}.",
+                 "/": "{pron} divides it by {k}."},
+        question="What number does {who} have now?",
     ),
 )}
 
