@@ -7,7 +7,7 @@ Each side runs in its own subprocess (so peak RSS is its own: ru_maxrss of the c
 same pairs with the same micro-batch, lr and max_length, sigmoid loss, no gradient checkpointing. tokens/s counts
 every non-padding token of both sequences (prompt+chosen and prompt+rejected: the prompt counts twice, as in
 TRL's concatenated forward), over the steps after the first two (warmup excluded). Our reference log-probs are
-one cached pass, timed separately; TRL runs its reference model every step unless --trl-precompute.
+one cached pass, timed separately; TRL runs its reference model every step (its default).
 
 Model: data/tiny-policy when it exists, else a random Llama of the tiny policy's shape (hidden 256, 4 layers)
 with the char tokenizer. Pairs: the bundled task's problems, chosen = gold solution, rejected = the gold
@@ -30,6 +30,15 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFPIPE_NO_PROGRESS", "1")
 WARMUP_STEPS = 2
+# (side, options): our trainer's TrainConfig fields / TRL's DPOConfig fields. TRL's own default has gradient
+# checkpointing on; the first TRL run turns it off for a like-for-like compute comparison.
+VARIANTS = [
+    ("ours", {}),
+    ("ours", {"share_prompt": True}),
+    ("ours", {"share_prompt": True, "gradient_checkpointing": True}),
+    ("trl", {"gradient_checkpointing": False}),
+    ("trl", {"gradient_checkpointing": True}),
+]
 
 
 def make_inputs(work: Path, n_pairs: int) -> tuple[Path, Path]:
@@ -80,7 +89,8 @@ def run_ours(args) -> dict:
         cfg = TrainConfig(model=str(args.model), data=str(args.data), output_dir=out, lr=1e-5, device="cpu",
                           micro_batch=args.micro_batch, grad_accum=1, epochs=1, save_final=False,
                           progress=False, ref_cache_dir=str(Path(out) / "refcache"),
-                          tokenize={"max_length": args.max_length}, threads=args.threads, max_grad_norm=1.0)
+                          tokenize={"max_length": args.max_length}, threads=args.threads, max_grad_norm=1.0,
+                          **json.loads(args.opts))
         trainer = Trainer(cfg)
         t0 = time.perf_counter()
         trainer.prepare_reference()
@@ -90,7 +100,8 @@ def run_ours(args) -> dict:
     steps = res.history[WARMUP_STEPS:]
     tokens = sum(s["num_tokens"] for s in steps)
     seconds = sum(s["num_tokens"] / s["tokens/s"] for s in steps)
-    return {"side": "ours", "steps": len(res.history), "tokens_per_s": tokens / seconds, "ref_pass_s": ref_s,
+    return {"side": "ours", "opts": json.loads(args.opts), "steps": len(res.history),
+            "tokens_per_s": tokens / seconds, "ref_pass_s": ref_s,
             "first_loss": res.history[0]["loss"], "last_loss": res.history[-1]["loss"]}
 
 
@@ -116,18 +127,18 @@ def run_trl(args) -> dict:
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
+        opts = {"gradient_checkpointing": False, **json.loads(args.opts)}
         cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
                         num_train_epochs=1, learning_rate=1e-5, max_length=args.max_length, bf16=False,
-                        use_cpu=True, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
-                        report_to=[], precompute_ref_log_probs=args.trl_precompute, disable_tqdm=True,
-                        dataloader_num_workers=0, seed=42)
+                        use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+                        dataloader_num_workers=0, seed=42, **opts)
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = len(stamps)
     timed = stamps[-1] - stamps[WARMUP_STEPS - 1]
     tokens = epoch_tokens(args.model, args.data, args.max_length) * (steps - WARMUP_STEPS) / steps
-    return {"side": "trl" + ("-precompute" if args.trl_precompute else ""), "steps": steps,
+    return {"side": "trl", "opts": opts, "steps": steps,
             "tokens_per_s": tokens / timed, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None}
 
@@ -138,17 +149,17 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def spawn(side: str, args, model: Path, data: Path, extra: list[str] | None = None) -> dict:
+def spawn(side: str, args, model: Path, data: Path, opts: dict) -> dict:
     env = dict(os.environ)
     if side == "trl":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / ".venv-trl"), env.get("PYTHONPATH")]))
     cmd = [sys.executable, __file__, "--side", side, "--model", str(model), "--data", str(data),
            "--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length),
-           "--threads", str(args.threads), *(extra or [])]
+           "--threads", str(args.threads), "--opts", json.dumps(opts)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"side": side, "error": (proc.stderr or proc.stdout)[-2000:]}
+        return {"side": side, "opts": opts, "error": (proc.stderr or proc.stdout)[-2000:]}
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -158,10 +169,11 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs")
+    ap.add_argument("--quick", action="store_true", help="only ours (defaults) vs TRL (no checkpointing)")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     if args.side:
@@ -169,17 +181,18 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as work:
         model, data = make_inputs(Path(work), args.pairs)
-        results = [spawn("ours", args, model, data), spawn("trl", args, model, data)]
-        if args.trl_precompute:
-            results.append(spawn("trl", args, model, data, ["--trl-precompute"]))
-    ours = results[0]
+        runs = VARIANTS[:1] + VARIANTS[3:4] if args.quick else VARIANTS
+        results = []
+        for side, opts in runs:
+            results.append(spawn(side, args, model, data, opts))
+            print(json.dumps(results[-1]), flush=True)
+    trl = [r for r in results if r["side"] == "trl" and "error" not in r]
     for r in results:
-        print(json.dumps(r))
-    for r in results[1:]:
-        if "error" in r or "error" in ours:
+        if r["side"] != "ours" or "error" in r:
             continue
-        print(f"ours vs {r['side']}: tokens/s x{ours['tokens_per_s'] / r['tokens_per_s']:.2f}, "
-              f"peak RSS x{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}")
+        for t in trl:
+            print(f"ours {r['opts']} vs trl {t['opts']}: tokens/s x{r['tokens_per_s'] / t['tokens_per_s']:.2f}, "
+                  f"peak RSS x{r['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -303,3 +303,25 @@ def test_gradient_checkpointing_same_grads(setup, tmp_path):
         t.accumulate([0, 1, 2, 3])
         grads.append(_grads(t.model))
     assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) <= 1e-5
+
+
+def test_label_confidence_column(tmp_path):
+    """use_label_confidence: sigmoid with per-pair eps = 1 - confidence (cDPO); at step 1 (zero margins) the
+    loss is ln 2 whatever eps is, so check the gradient instead: confidence 0.5 gives zero gradient."""
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), seed=3)
+    table = _pair_table(4).append_column("label_confidence", pa.array([0.5, 0.5, 0.5, None], pa.float64()))
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path)
+    t = Trainer(_cfg(path, tmp_path, loss={"use_label_confidence": True}), model=model, tokenizer=tok)
+    t.setup()
+    t.accumulate([0, 1, 2])
+    assert max(p.grad.abs().max().item() for p in t.model.parameters()) < 1e-6
+    t.model.zero_grad(set_to_none=True)
+    t.accumulate([3])  # null confidence = 1.0: an ordinary DPO gradient
+    assert max(p.grad.abs().max().item() for p in t.model.parameters()) > 1e-3
+    pq.write_table(_pair_table(4), path)
+    with pytest.raises(InputError, match="column 'label_confidence'"):
+        t2 = Trainer(_cfg(path, tmp_path, loss={"use_label_confidence": True}), model=model, tokenizer=tok)
+        t2.setup()
+        t2.accumulate([0])

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import InputError
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.collate import Batch, collate
@@ -47,7 +48,6 @@ class TrainResult:
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None for plain fp32)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        from pipeline.errors import InputError
         raise InputError("device cuda asked for but no CUDA device is available", column="device")
     dev = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                        else "cpu")
@@ -125,7 +125,6 @@ class Trainer:
         enc = {"pairs": encode_pairs, "lists": encode_lists, "sft": encode_sft}[self.kind]
         data = enc(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data)
         if len(data) == 0:
-            from pipeline.errors import InputError
             raise InputError(f"no row fits max_length={self.cfg.tokenize.max_length}", file=self.cfg.data)
         return data
 
@@ -203,9 +202,13 @@ class Trainer:
         return loss * (batch.num_groups / n_items), metrics  # list_loss is a mean over this micro-batch
 
     def _label_confidence(self, batch: Batch) -> torch.Tensor | None:
-        if not self.cfg.loss.use_label_confidence or "label_confidence" not in self.table.column_names:
+        if not self.cfg.loss.use_label_confidence:
             return None
+        if "label_confidence" not in self.table.column_names:
+            raise InputError("loss.use_label_confidence needs this column", file=self.cfg.data,
+                             column="label_confidence")
         col = self.table["label_confidence"].to_numpy(zero_copy_only=False).astype(np.float64)
+        # a missing confidence means an unsmoothed label (1.0), as with label_smoothing = 0
         return self._group_tensor(batch, np.nan_to_num(col[self.data.rows], nan=1.0))
 
     # ------------------------------------------------------------------------------------------------ loop
