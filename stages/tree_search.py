@@ -27,9 +27,9 @@ from stages._common import now_utc, pair_id
 from stages.tree.best_first import run_best_first
 from stages.tree.config import MiningConfig, SearchConfig
 from stages.tree.expand import TokenCounter, Work
-from stages.tree.mcts import run_mcts, search_stats
+from stages.tree.mcts import run_mcts
 from stages.tree.mining import lists_table, mine, mine_trees, pairs_table
-from stages.tree.nodes import Tree, trees_to_table
+from stages.tree.nodes import Tree, search_stats, trees_to_table
 from stages.tree.tpo import run_tpo
 from stages.tree.validity import check_pairs
 from stages.tree.verifier import TreeTask, task_from_row

@@ -64,9 +64,12 @@ def expand_batch(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig,
     for (work, node), comps in zip(items, outs):
         seen = {work.tree.nodes[c].step_text for c in node.children}
         children = []
+        info = work.tree.info
+        info["sampled_steps"] = info.get("sampled_steps", 0) + len(comps)
         for comp in comps:
             text = comp.text.strip()
             if not text or text in seen:
+                info["dropped_steps"] = info.get("dropped_steps", 0) + 1  # duplicate (or empty) step
                 continue
             seen.add(text)
             child = work.tree.add_child(node, text, is_terminal=comp.finish_reason == "eos")

@@ -19,7 +19,7 @@ import math
 
 from stages.tree.config import SearchConfig
 from stages.tree.expand import TokenCounter, Work, expand_batch
-from stages.tree.nodes import Node, Tree
+from stages.tree.nodes import Node
 from stages.tree.values import evaluate
 
 
@@ -68,9 +68,3 @@ def run_mcts(works: list[Work], backend, cfg: SearchConfig, seed: int,
     if cfg.visit_all_nodes:
         rest = [(w, n) for w in works for n in w.tree.nodes.values() if n.visits == 0]
         _value_and_backup(rest, backend, cfg, seed - 1, counter)
-
-
-def search_stats(tree: Tree) -> dict:
-    nodes = list(tree.nodes.values())
-    return {"nodes": len(nodes), "terminal": sum(n.is_terminal for n in nodes),
-            "max_depth": max(n.depth for n in nodes)}

@@ -130,6 +130,20 @@ class Tree:
         return tree
 
 
+def search_stats(tree: Tree) -> dict:
+    """Yield numbers of one tree (stages.md §1.8): size, realised branching, depth histogram, duplicate rate."""
+    nodes = list(tree.nodes.values())
+    expanded = [n for n in nodes if n.children]
+    depths: dict[str, int] = {}
+    for n in nodes:
+        depths[str(n.depth)] = depths.get(str(n.depth), 0) + 1
+    sampled = tree.info.get("sampled_steps", 0)
+    return {"nodes": len(nodes), "terminal": sum(n.is_terminal for n in nodes),
+            "max_depth": max(n.depth for n in nodes), "depth_histogram": depths,
+            "branching": sum(len(n.children) for n in expanded) / len(expanded) if expanded else 0.0,
+            "duplicate_step_rate": tree.info.get("dropped_steps", 0) / sampled if sampled else None}
+
+
 def trees_to_table(rows: list[dict]) -> pa.Table:
     from schemas.tables import TREES
     return pa.Table.from_pylist(rows, schema=TREES)
