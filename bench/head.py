@@ -82,8 +82,9 @@ def main() -> None:
         p = next((r for r in rows if r["tokens"] == n and r["variant"] == "plain" and "error" not in r), None)
         c = next((r for r in rows if r["tokens"] == n and r["variant"] == "chunked" and "error" not in r), None)
         if p and c:
+            ratio = c["peak_extra_mb"] / max(p["peak_extra_mb"], 1e-9)
             print(f"N={n}: peak {c['peak_extra_mb']} MB chunked vs {p['peak_extra_mb']} MB plain "
-                  f"(x{c['peak_extra_mb'] / max(p['peak_extra_mb'], 1e-9):.2f}); time x{c['seconds'] / p['seconds']:.2f}")
+                  f"(x{ratio:.2f}); time x{c['seconds'] / p['seconds']:.2f}")
 
 
 if __name__ == "__main__":

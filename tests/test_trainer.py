@@ -325,3 +325,33 @@ def test_label_confidence_column(tmp_path):
         t2 = Trainer(_cfg(path, tmp_path, loss={"use_label_confidence": True}), model=model, tokenizer=tok)
         t2.setup()
         t2.accumulate([0])
+
+
+def test_rdpo_rationale_is_a_third_sequence_in_the_same_forward(setup, tmp_path):
+    """loss.rationale_gamma: the rationale (own prompt) runs in the same forward as chosen and rejected and its
+    summed log-prob enters the loss: step-1 loss = ln 2 - log sigmoid(gamma * l(r)) (code form)."""
+    tok, model, path = setup
+    table = _pair_table(4)
+    table = table.append_column("rationale_prompt", pa.array([f"Which is right for {p}" for p in
+                                                               table["prompt"].to_pylist()]))
+    table = table.append_column("rationale", pa.array(["The first adds correctly."] * 4))
+    path = tmp_path / "rat.parquet"
+    pq.write_table(table, path)
+    cfg = _cfg(path, tmp_path, micro_batch=2, grad_accum=2, max_steps=1, shuffle=False,
+               loss={"rationale_gamma": 0.01})
+    t = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok)
+    assert len(t.data.extra) == 4
+    b = collate(t.data, [0, 1], pad_id=0)
+    assert b.slot_mask.shape == (2, 3) and b.input_ids.shape[0] == 6
+    with torch.no_grad():
+        rat = b.scatter(row_logps(model, b).logps)[:, 2]
+        b2 = collate(t.data, [2, 3], pad_id=0)
+        rat = torch.cat([rat, b2.scatter(row_logps(model, b2).logps)[:, 2]])
+    expected = math.log(2) - torch.nn.functional.logsigmoid(0.01 * rat).mean().item()
+    res = t.train()
+    assert res.history[0]["loss"] == pytest.approx(expected, abs=1e-5)
+    assert t.ref_info["forwards"] == 1  # the reference pass skips the rationale
+    bad = tmp_path / "norat.parquet"
+    pq.write_table(_pair_table(2), bad)
+    with pytest.raises(InputError, match="column 'rationale'"):
+        Trainer(_cfg(bad, tmp_path, loss={"rationale_gamma": 0.01}), model=model, tokenizer=tok)

@@ -74,12 +74,6 @@ class Batch:
                                                                                         torch.finfo(dtype).min)
 
 
-def _slot_major(data: Encoded, indices: list[int]) -> list[tuple[int, int, int]]:
-    """(batch position b, group index gi, slot k) for every completion, slot-major."""
-    k_max = max(len(data.completions[i]) for i in indices)
-    return [(b, gi, k) for k in range(k_max) for b, gi in enumerate(indices) if k < len(data.completions[gi])]
-
-
 def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
     T = max(len(r) for r in rows)
     out = np.full((len(rows), T), fill, dtype=np.int64)
@@ -88,58 +82,65 @@ def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def collate(data: Encoded, indices, pad_id: int, share_prompt: bool = False) -> Batch:
-    indices = [int(i) for i in indices]
-    seqs = _slot_major(data, indices)
-    slot_mask = torch.zeros(len(indices), max(k for _, _, k in seqs) + 1, dtype=torch.bool)
-    group = torch.tensor([b for b, _, _ in seqs])
-    slot = torch.tensor([k for _, _, k in seqs])
-    slot_mask[group, slot] = True
+@dataclass
+class _Row:
+    prompt: list[int]
+    completions: list[list[int]]
+    seq_ids: list[int]  # sequence number of each completion
+
+
+def _rows(data: Encoded, indices: list[int], share_prompt: bool, with_extra: bool):
+    """The rows to run and the (group, slot) of every sequence. Sequences are numbered slot-major (for pairs:
+    all chosen, then all rejected), then one own-prompt extra sequence per group (e.g. an RDPO rationale) in
+    slot K."""
+    k_max = max(len(data.completions[i]) for i in indices)
+    seqs = [(b, k) for k in range(k_max) for b, gi in enumerate(indices) if k < len(data.completions[gi])]
+    seq_of = {bk: s for s, bk in enumerate(seqs)}
     if share_prompt:
-        rows, pos, segs, src, tgt, seq = _shared_rows(data, indices, seqs)
-        ids, T = _pad(rows, pad_id), max(map(len, rows))
-        positions, segments = _pad(pos, 0), _pad(segs, -1)
+        rows = [_Row(data.prompts[gi], data.completions[gi], [seq_of[(b, k)] for k in range(len(data.completions[gi]))])
+                for b, gi in enumerate(indices)]
     else:
-        rows, src, tgt, seq = [], [], [], []
-        T = max(len(data.prompts[gi]) + len(data.completions[gi][k]) for _, gi, k in seqs)
-        for s, (_, gi, k) in enumerate(seqs):
-            p, c = data.prompts[gi], data.completions[gi][k]
-            rows.append(p + c)
-            start = max(len(p), 1)  # a first token without anything before it cannot be predicted
-            src += [s * T + t - 1 for t in range(start, len(p) + len(c))]
-            tgt += (p + c)[start:]
-            seq += [s] * (len(p) + len(c) - start)
-        ids = _pad(rows, pad_id)
-        positions, segments = torch.arange(T).expand(len(rows), T).clone(), None
-    lengths = torch.tensor([len(r) for r in rows])
-    attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-    as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return Batch(ids, attn, positions, segments, as_t(src), as_t(tgt), as_t(seq), group, slot,
-                 torch.tensor(indices), slot_mask)
+        rows = [_Row(data.prompts[indices[b]], [data.completions[indices[b]][k]], [s]) for s, (b, k) in enumerate(seqs)]
+    if with_extra and data.extra is not None:
+        for b, gi in enumerate(indices):
+            prompt, completion = data.extra[gi]
+            rows.append(_Row(prompt, [completion], [len(seqs)]))
+            seqs.append((b, k_max))
+    return rows, seqs
 
 
-def _shared_rows(data: Encoded, indices: list[int], seqs: list[tuple[int, int, int]]):
-    """Rows of the shared layout and the scoring plan; `seqs` fixes the sequence numbering (slot-major)."""
-    seq_of = {(b, k): s for s, (b, _, k) in enumerate(seqs)}
-    rows, pos, segs, src, tgt, seq = [], [], [], [], [], []
-    lengths = [len(data.prompts[gi]) + sum(map(len, data.completions[gi])) for gi in indices]
-    T = max(lengths)
-    for b, gi in enumerate(indices):
-        p = data.prompts[gi]
-        row, position, segment = list(p), list(range(len(p))), [0] * len(p)
-        for k, c in enumerate(data.completions[gi]):
-            start = len(row)
-            row += c
-            position += range(len(p), len(p) + len(c))
-            segment += [k + 1] * len(c)
-            # token j of the completion is predicted by the hidden state before it in the same segment; token 0
-            # by the last prompt token
+def collate(data: Encoded, indices, pad_id: int, share_prompt: bool = False, with_extra: bool = True) -> Batch:
+    indices = [int(i) for i in indices]
+    rows, seqs = _rows(data, indices, share_prompt, with_extra)
+    T = max(len(r.prompt) + sum(map(len, r.completions)) for r in rows)
+    ids, pos, segs, src, tgt, seq = [], [], [], [], [], []
+    for r_i, row in enumerate(rows):
+        p = row.prompt
+        ids_r, pos_r, seg_r = list(p), list(range(len(p))), [0] * len(p)
+        for k, (c, s) in enumerate(zip(row.completions, row.seq_ids)):
+            start = len(ids_r)
+            ids_r += c
+            pos_r += range(len(p), len(p) + len(c))
+            seg_r += [k + 1] * len(c)
+            # completion token j is predicted by the hidden state before it in its own segment; token 0 by the
+            # last prompt token (without a prompt, token 0 cannot be predicted and is not scored)
             prev = ([len(p) - 1] if p else []) + list(range(start, start + len(c) - 1))
             first = 0 if p else 1
-            src += [b * T + i for i in prev]
+            src += [r_i * T + i for i in prev]
             tgt += c[first:]
-            seq += [seq_of[(b, k)]] * (len(c) - first)
-        rows.append(row)
-        pos.append(position)
-        segs.append(segment)
-    return rows, pos, segs, src, tgt, seq
+            seq += [s] * (len(c) - first)
+        ids.append(ids_r)
+        pos.append(pos_r)
+        segs.append(seg_r)
+    input_ids = _pad(ids, pad_id)
+    lengths = torch.tensor([len(r) for r in ids])
+    attn = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+    # With one completion per row plain causal attention is exact (padding only follows real tokens).
+    segments = _pad(segs, -1) if any(len(r.completions) > 1 for r in rows) else None
+    group = torch.tensor([b for b, _ in seqs])
+    slot = torch.tensor([k for _, k in seqs])
+    slot_mask = torch.zeros(len(indices), int(slot.max()) + 1, dtype=torch.bool)
+    slot_mask[group, slot] = True
+    as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Batch(input_ids, attn, _pad(pos, 0), segments, as_t(src), as_t(tgt), as_t(seq), group, slot,
+                 torch.tensor(indices), slot_mask)

@@ -135,6 +135,9 @@ class Encoded:
     completions: list[list[list[int]]]
     scores: list[list[float]] | None = None  # ranked lists only
     stats: EncodeStats = field(default_factory=EncodeStats)
+    extra: list[tuple[list[int], list[int]]] | None = None
+    """One more sequence per group with its own prompt: (prompt ids, completion ids), e.g. the RDPO rationale
+    conditioned on prompt_rat. Scored by the policy only (no reference term)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -240,7 +243,10 @@ def _fit(prompt: list[int], comps: list[list[int]], cfg: TokenizeConfig, bos: in
     return prompt, out
 
 
-def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:
+def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None,
+                 rationales: bool = False) -> Encoded:
+    """Pairs as groups [chosen, rejected]. rationales=True also encodes the RDPO rationale of every pair as an
+    extra sequence: the `rationale_prompt` column (prompt_rat) as a user turn -> `rationale` + EOS."""
     check_pairs(table, file, cfg.prefix_as_prompt)
     enc = PieceEncoder(tokenizer)
     prompts = enc.prompts(_rendered_prompts(enc, table))
@@ -252,7 +258,13 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
     else:
         chosen_text, rejected_text = table["chosen"].to_pylist(), table["rejected"].to_pylist()
     chosen, rejected = enc.completions(chosen_text), enc.completions(rejected_text)
-    return _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc)
+    extra = None
+    if rationales:
+        _require(table, ("rationale", "rationale_prompt"), dict.fromkeys(("rationale", "rationale_prompt"), "string"),
+                 file)
+        rat_prompts = enc.prompts([enc.render_prompt(p) for p in table["rationale_prompt"].to_pylist()])
+        extra = list(zip(rat_prompts, enc.completions(table["rationale"].to_pylist())))
+    return _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc, extra)
 
 
 def encode_sft(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:
@@ -284,11 +296,17 @@ def encode_lists(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
     return _assemble(table.num_rows, prompts, comps, table["scores"].to_pylist(), cfg, enc)
 
 
-def _assemble(n_rows, prompts, comps, scores, cfg, enc) -> Encoded:
+def _assemble(n_rows, prompts, comps, scores, cfg, enc, extra=None) -> Encoded:
     stats = EncodeStats(rows_in=n_rows)
-    rows, kept_p, kept_c, kept_s = [], [], [], []
+    rows, kept_p, kept_c, kept_s, kept_x = [], [], [], [], []
     for i in range(n_rows):
         fitted = _fit(prompts[i], comps[i], cfg, enc.bos, stats)
+        if fitted is not None and extra is not None:
+            fitted_x = _fit(extra[i][0], [extra[i][1]], cfg, enc.bos, stats)
+            if fitted_x is None:  # _fit counted the drop
+                fitted = None
+            else:
+                kept_x.append((fitted_x[0], fitted_x[1][0]))
         if fitted is None:
             continue
         rows.append(i)
@@ -297,7 +315,7 @@ def _assemble(n_rows, prompts, comps, scores, cfg, enc) -> Encoded:
         if scores is not None:
             kept_s.append([float(s) for s in scores[i]])
     return Encoded(np.asarray(rows, dtype=np.int64), kept_p, kept_c, kept_s if scores is not None else None,
-                   stats)
+                   stats, kept_x if extra is not None else None)
 
 
 def pad_id_of(tokenizer) -> int:

@@ -102,7 +102,7 @@ def compute_ref_logps(model, data: Encoded, pad_id: int, batch_groups: int = 16,
     forwards = 0
     for s in range(0, len(order), batch_groups):
         idx = order[s:s + batch_groups]
-        batch = collate(data, idx, pad_id, share_prompt).to(device)
+        batch = collate(data, idx, pad_id, share_prompt, with_extra=False).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             res = row_logps(model, batch, chunk_tokens=chunk_tokens)

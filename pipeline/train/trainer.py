@@ -122,8 +122,12 @@ class Trainer:
         return "lists" if "responses" in self.table.column_names else "pairs"
 
     def _encode(self) -> Encoded:
-        enc = {"pairs": encode_pairs, "lists": encode_lists, "sft": encode_sft}[self.kind]
-        data = enc(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data)
+        if self.kind == "pairs":
+            data = encode_pairs(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data,
+                                rationales=self.cfg.loss.rationale_gamma is not None)
+        else:
+            enc = encode_lists if self.kind == "lists" else encode_sft
+            data = enc(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data)
         if len(data) == 0:
             raise InputError(f"no row fits max_length={self.cfg.tokenize.max_length}", file=self.cfg.data)
         return data
@@ -189,7 +193,8 @@ class Trainer:
         if self.kind == "pairs":
             pb = PairBatch(pol[:, 0], pol[:, 1], ref[:, 0] if ref is not None else None,
                            ref[:, 1] if ref is not None else None, tok[:, 0], tok[:, 1],
-                           label_confidence=self._label_confidence(batch))
+                           label_confidence=self._label_confidence(batch),
+                           rationale_logps=pol[:, 2] if self.data.extra is not None else None)
             return pair_loss(pb, self.cfg.loss, self.loss_state, num_items_in_global_batch=n_items,
                              num_tokens_in_global_batch=n_tokens)
         scores = torch.zeros_like(pol)
