@@ -57,7 +57,11 @@ class StageStep(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
     shard_size: int = Field(32, ge=1)
     fail_threshold: float = Field(0.01, ge=0, le=1)
-    model: str | None = Field(None, description="override the run's model for this stage")
+    model: str | None = Field(None, description="override the run's model for this stage; `@ARM` = that "
+                                                "training arm's final model (needs phase post_train)")
+    phase: Literal["generate", "post_train"] = Field(
+        "generate", description="generate: before training; post_train: after the training arms (e.g. SPA "
+                                "self-labels from a DPO-trained policy)")
     backend: str | None = None
 
     @property
@@ -109,6 +113,18 @@ class RunConfig(_Strict):
             if s.folder in seen:
                 raise ValueError(f"duplicate stage id {s.folder!r}")
             seen.add(s.folder)
+        post = {s.folder for s in self.stages if s.phase == "post_train"}
+        for s in self.stages:
+            if s.phase == "generate" and s.input.split("@")[0] in post:
+                raise ValueError(f"stage {s.folder!r} runs before training but reads post_train stage {s.input!r}")
+        for a in self.train:
+            if a.data.split("@")[0] in post:
+                raise ValueError(f"train arm {a.name!r} reads post_train stage {a.data!r}")
+        arms = {a.name for a in self.train}
+        for s in self.stages:
+            if s.model and s.model.startswith("@") and (s.model[1:] not in arms or s.phase != "post_train"):
+                raise ValueError(f"stage {s.folder!r}: model {s.model!r} needs a training arm of that name and "
+                                 f"phase: post_train")
         for arm in self.train:
             if arm.data.split("@")[0] not in seen:
                 raise ValueError(f"train arm {arm.name!r}: data {arm.data!r} is not a stage id")

@@ -85,9 +85,13 @@ def prefpipe_flow(config_path: str) -> dict:
     if cfg.eval:
         out["eval:base"] = eval_task(config_path, cfg.model, "base")
     for s in cfg.stages:
-        out[f"stage:{s.folder}"] = stage_task(config_path, s.folder)
+        if s.phase == "generate":
+            out[f"stage:{s.folder}"] = stage_task(config_path, s.folder)
     for arm in cfg.train:
         out[f"train:{arm.name}"] = train_task(config_path, arm.name)
+    for s in cfg.stages:
+        if s.phase == "post_train":
+            out[f"stage:{s.folder}"] = stage_task(config_path, s.folder)
     if cfg.eval:
         for label, model in steps.model_labels(cfg)[1:]:
             out[f"eval:{label}"] = eval_task(config_path, model, label)
@@ -104,10 +108,14 @@ def run_local(config_path: str) -> dict:
     out = {"inputs": str(steps.prepare_inputs(cfg, base))}
     if cfg.eval:
         out["eval:base"] = str(steps.eval_step(cfg, cfg.model, "base"))
-    for s in cfg.stages:
-        out[f"stage:{s.folder}"] = str(steps.run_stage_step(cfg, s.folder, progress=not steps.no_progress()))
-    for arm in cfg.train:
-        out[f"train:{arm.name}"] = str(steps.train_step(cfg, arm.name))
+    for phase in ("generate", "post_train"):
+        if phase == "post_train":
+            for arm in cfg.train:
+                out[f"train:{arm.name}"] = str(steps.train_step(cfg, arm.name))
+        for s in cfg.stages:
+            if s.phase == phase:
+                out[f"stage:{s.folder}"] = str(steps.run_stage_step(cfg, s.folder,
+                                                                    progress=not steps.no_progress()))
     if cfg.eval:
         for label, model in steps.model_labels(cfg)[1:]:
             out[f"eval:{label}"] = str(steps.eval_step(cfg, model, label))

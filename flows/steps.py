@@ -106,7 +106,10 @@ def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> P
     _set_threads(cfg)
     backend = None
     if spec.needs_backend:
-        backend = backend_for(step.backend or cfg.backend, step.model or cfg.model, cfg.base_url)
+        model = step.model or cfg.model
+        if model.startswith("@"):  # a training arm's final model
+            model = str(run_dir(cfg) / "train" / model[1:] / "final")
+        backend = backend_for(step.backend or cfg.backend, model, cfg.base_url)
     rows, source = stage_input(cfg, step.input)
     res = run_stage(spec, rows, stage_cfg, backend, RunStore(run_dir(cfg)), shard_size=step.shard_size,
                     fail_threshold=step.fail_threshold, input_file=source, progress=progress,
@@ -158,10 +161,10 @@ def export_step(cfg: RunConfig) -> Path:
     from pipeline import hub
 
     out = run_dir(cfg) / cfg.export.out
-    folder = hub.export_run(run_dir(cfg), out)
+    result = hub.export_run(run_dir(cfg), out, repo_id=cfg.export.repo)
     if cfg.export.repo:
-        hub.push(folder, cfg.export.repo, private=cfg.export.private)
-    return folder
+        hub.push_export(result.folder, cfg.export.repo, private=cfg.export.private)
+    return result.folder
 
 
 def model_labels(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 STATUS_VALUES = ("ok", "failed", "filtered")
-STAGE_VALUES = ("tree", "rationale", "reward_aug", "aidsafe", "intervened", "self_label", "synthetic")
+STAGE_VALUES = ("tree", "rationale", "reward_aug", "aidsafe", "intervened", "self_label", "sampled", "synthetic")
 
 
 def _f(name: str, type_: pa.DataType, nullable: bool = True) -> pa.Field:

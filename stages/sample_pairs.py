@@ -1,0 +1,71 @@
+"""sample-pairs: the naive final-answer baseline. K samples per problem; chosen = a sample with the right final
+answer, rejected = one with a wrong answer; no step checks.
+
+This is the data DESIGN §4 measured to make a tiny policy worse (61 % of such "chosen" samples had a wrong
+intermediate step). It exists so runs can show that next to step-verified tree pairs at equal compute.
+`chosen_requires: steps` turns it into a stronger baseline whose chosen side must be step-verified too.
+"""
+from __future__ import annotations
+
+import random
+from typing import ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.backends.base import SamplingParams
+from pipeline.stage import StageConfig, StageContext, register_stage
+from stages._common import now_utc, pair_id, pairs_table, task_problem
+from schemas.errors import InputError
+
+STAGE_FIELDS = [pa.field("pair_type", pa.string()), pa.field("meta", pa.string())]
+
+
+class SamplePairsConfig(StageConfig):
+    version: ClassVar[str] = "1"
+
+    n_samples: int = Field(8, ge=2, description="samples per problem (calibration: 8)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(128, ge=1, description="new tokens per sample")
+    max_pairs_per_prompt: int = Field(4, ge=1, description="most (right, wrong) pairs per problem")
+    chosen_requires: Literal["answer", "steps"] = Field(
+        "answer", description="answer: right final answer (the naive baseline); steps: every step verified")
+
+    def sampling(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "n": self.n_samples}
+
+
+@register_stage("sample-pairs", config=SamplePairsConfig, input_kind="prompts", outputs={"main": "pairs"})
+def run(rows: pa.Table, cfg: SamplePairsConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
+    """Final-answer pairs from K samples per problem (the naive baseline)."""
+    from pipeline.tasks.verify import verify_answer, verify_steps
+
+    records = rows.to_pylist()
+    problems = [task_problem(r) for r in records]
+    for r, p in zip(records, problems):
+        if p is None:
+            raise InputError(f"sample-pairs needs the bundled task's 'meta' column (prompt_id {r['prompt_id']!r})",
+                             column="meta")
+    sp = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=ctx.seed)
+    samples = backend.generate([r["prompt"] for r in records], sp, n=cfg.n_samples)
+    good = verify_steps if cfg.chosen_requires == "steps" else verify_answer
+    out, created = [], now_utc()
+    for r, p, comps in zip(records, problems, samples):
+        texts = list(dict.fromkeys(c.text for c in comps))  # distinct samples, first-seen order
+        right = [t for t in texts if good(t, p)]
+        wrong = [t for t in texts if not verify_answer(t, p)]
+        rng = random.Random(ctx.row_seed(r["prompt_id"]))
+        combos = [(c, w) for c in right for w in wrong]
+        rng.shuffle(combos)
+        for k, (c, w) in enumerate(combos[:cfg.max_pairs_per_prompt]):
+            pid = pair_id("sample", r["prompt_id"], c, w)
+            out.append({"pair_id": pid, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": c,
+                        "rejected": w, "stage": "sampled", "method": f"final_answer_{cfg.chosen_requires}",
+                        "chosen_score": 1.0, "rejected_score": 0.0, "score_margin": 1.0,
+                        "generator_model": ctx.model_id or "", "created_at": created,
+                        "extra": {"n_right": len(right), "n_wrong": len(wrong), "n_distinct": len(texts)},
+                        "row_key": ctx.row_key(r["prompt_id"], k), "status": "ok", "pair_type": "terminal",
+                        "meta": r.get("meta")})
+    return {"main": pairs_table(out, STAGE_FIELDS)}
