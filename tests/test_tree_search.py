@@ -170,3 +170,17 @@ def test_cli_exposes_config_fields():
     for flag in ("--variant", "--expansion-width", "--iterations", "--value-fn", "--v-threshold",
                  "--validity-rollouts", "--tie-policy", "--config"):
         assert flag in result.output
+
+
+def test_yaml_config_with_option_overrides(tmp_path):
+    from pipeline.stage_cli import load_config
+    from schemas.errors import InputError
+
+    f = tmp_path / "ts.yaml"
+    f.write_text('variant: best_first\nstep_stop: ["\\n", "<|/step|>"]\niterations: 40\nv_threshold: 0.5\n')
+    cfg = load_config(SPEC, f, {"iterations": 5, "tie_policy": None})
+    assert (cfg.variant, cfg.step_stop, cfg.iterations, cfg.v_threshold, cfg.tie_policy) == \
+        ("best_first", ["\n", "<|/step|>"], 5, 0.5, "drop")
+    f.write_text("variant: beam\n")
+    with pytest.raises(InputError, match="variant"):
+        load_config(SPEC, f, {})
