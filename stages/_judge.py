@@ -1,0 +1,287 @@
+"""Deterministic parsers and a batched judge/classify helper that the stages share (stages.md §0.1 `judge`).
+
+Every parser returns a `Parsed` with a status: "ok" or a failure category ("empty", "refusal", "echo", ...),
+and an error text that starts with that category ("echo: 0.82 of the 4-grams copy the input"). Stages put
+that text into the row's `error` column, and `parse_report` counts the categories, so parse failures are
+counted and reported, never hidden.
+
+The parsers are lenient where a small model is sloppy (bullets, numbering, case, repeated lines) but honest:
+a text that does not carry the asked-for content is a failure, not a guess.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """The outcome of parsing one model output."""
+
+    status: str = "ok"            # "ok" or the failure category
+    value: Any = None
+    error: str | None = None      # "<category>: detail" when status != "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def fail(category: str, detail: str, value: Any = None) -> Parsed:
+    return Parsed(category, value, f"{category}: {detail}")
+
+
+# ------------------------------------------------------------------------------------------------ text
+_WS = re.compile(r"[ \t]+")
+_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_REFUSAL = re.compile(
+    r"\b(i'?m sorry|i am sorry|i can(?:not|'t)\b|i am unable|i'?m unable|as an ai\b|as a language model|"
+    r"i (?:will|won'?t) not (?:help|provide|answer)|i won'?t (?:help|provide|answer))", re.IGNORECASE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENT.split(text) if s and s.strip()]
+
+
+def dedupe_repeats(text: str) -> tuple[str, int]:
+    """Drop sentences (and lines) that repeat an earlier one word for word, the loop small models fall into.
+
+    Returns the cleaned text and how many pieces were dropped. Line breaks between kept pieces are kept.
+    """
+    seen: set[tuple[str, ...]] = set()
+    out_lines, dropped = [], 0
+    for line in text.strip().split("\n"):
+        kept = []
+        for s in re.split(r"(?<=[.!?])\s+", line.strip()):
+            key = tuple(words(s))
+            if not key:
+                if s.strip():
+                    kept.append(s)
+                continue
+            if key in seen:
+                dropped += 1
+                continue
+            seen.add(key)
+            kept.append(s)
+        if kept or not line.strip():
+            out_lines.append(_WS.sub(" ", " ".join(kept)).strip())
+    cleaned = re.sub(r"\n{3,}", "\n\n", "\n".join(out_lines)).strip()
+    return cleaned, dropped
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL.search(text))
+
+
+def ngram_copy_ratio(text: str, sources: Sequence[str], n: int = 4) -> float:
+    """Share of the word n-grams of `text` that also occur in any source (0 when `text` has none)."""
+    def grams(ws: list[str]) -> set[tuple[str, ...]]:
+        return {tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)}
+
+    mine = grams(words(text))
+    if not mine:
+        return 0.0
+    theirs: set[tuple[str, ...]] = set()
+    for s in sources:
+        theirs |= grams(words(s))
+    return len(mine & theirs) / len(mine)
+
+
+def jaccard(a: str, b: str) -> float:
+    wa, wb = set(words(a)), set(words(b))
+    return len(wa & wb) / len(wa | wb) if wa | wb else 1.0
+
+
+# ---------------------------------------------------------------------------------------------- stance
+_POS = re.compile(r"\b(better|preferred|preferable|superior|best|correct|accurate|clear(?:er)?|concise|helpful|"
+                  r"useful|relevant|detailed|complete|precise|appropriate|informative|good|great|excellent|safe|"
+                  r"more \w+|answers the question|right)\b", re.IGNORECASE)
+_NEG = re.compile(r"(\b(?:not|no|worse|wrong|incorrect|inaccurate|fails?|lacks?|less|irrelevant|unhelpful|"
+                  r"misses|missing|off-topic|vague|confusing|harmful|unsafe|only|poor|bad)\b|n't\b)", re.IGNORECASE)
+# The reason clause ("... because it is not confusing") describes the label's merits; the verdict is before it.
+_REASON = re.compile(r"\b(?:because|since|as it|which|so that)\b|[,:;]", re.IGNORECASE)
+_THAN = re.compile(r"\bthan\b", re.IGNORECASE)
+
+
+def _label_re(labels: Sequence[str]) -> re.Pattern:
+    alt = "|".join(re.escape(x) for x in labels)
+    # "Response A", "answer B", "option A", or a bare capital label followed by "is"/"'s".
+    return re.compile(rf"\b(?:response|answer|option|assistant)\s+({alt})\b|(?-i:\b({alt})(?=\s+(?:is|was)\b))",
+                      re.IGNORECASE)
+
+
+def stance_scores(text: str, labels: Sequence[str] = ("A", "B")) -> dict[str, int]:
+    """Net support per label: +1 for each sentence that praises it, -1 for each that faults it.
+
+    A sentence naming one label counts by its cue words (a negation turns praise into fault). A sentence
+    naming two labels counts only in the comparative form "X is better/more ... than Y" (X +1, Y -1) or
+    "X is worse/less ... than Y" (X -1, Y +1). Labels are matched as whole words next to "response",
+    "answer", "option" or "assistant", or directly before "is".
+    """
+    lab = _label_re(labels)
+    score = {x: 0 for x in labels}
+    canon = {x.lower(): x for x in labels}
+    for s in sentences(text):
+        found = [(m.start(), canon[(m.group(1) or m.group(2)).lower()]) for m in lab.finditer(s)]
+        names = list(dict.fromkeys(x for _, x in found))
+        if len(names) == 1:
+            cut = _REASON.search(s, found[0][0])
+            head = s[:cut.start()] if cut else s
+            if not (_POS.search(head) or _NEG.search(head)):
+                head = s
+            pos, neg = bool(_POS.search(head)), bool(_NEG.search(head))
+            score[names[0]] += -1 if neg else (1 if pos else 0)
+        elif len(names) == 2:
+            than = _THAN.search(s)
+            if not than:
+                continue
+            before = [x for at, x in found if at < than.start()]
+            after = [x for at, x in found if at > than.start()]
+            if not before or not after or before[0] == after[0]:
+                continue
+            head = s[:than.start()]
+            sign = -1 if re.search(r"\b(worse|less)\b", head, re.IGNORECASE) else (1 if _POS.search(head) else 0)
+            score[before[0]] += sign
+            score[after[0]] -= sign
+    return score
+
+
+def argued_for(text: str, preferred: str, other: str) -> str:
+    """Which response the text argues for: "preferred", "other", "tied" (both equally) or "none"."""
+    sc = stance_scores(text, (preferred, other))
+    if sc[preferred] == sc[other]:
+        return "none" if sc[preferred] == 0 else "tied"
+    return "preferred" if sc[preferred] > sc[other] else "other"
+
+
+# --------------------------------------------------------------------------------------------- parsers
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|\(\d+\))\s*")
+
+
+def parse_bullets(text: str, *, min_words: int = 2, allow_plain: bool = True) -> list[str]:
+    """Items of a bulleted or numbered list, one per line; unmarked lines count when `allow_plain`.
+
+    Empty items, items shorter than `min_words` words and verbatim repeats are dropped.
+    """
+    items: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    for line in text.split("\n"):
+        marked = bool(_BULLET.match(line))
+        item = _BULLET.sub("", line).strip()
+        if not item or (not marked and not allow_plain):
+            continue
+        key = tuple(words(item))
+        if len(key) < min_words or key in seen:
+            continue
+        seen.add(key)
+        items.append(item)
+    return items
+
+
+def parse_text(text: str, *, min_words: int = 3, sources: Sequence[str] = (), max_copy: float = 0.8,
+               n: int = 4) -> Parsed:
+    """A free-text answer: cleaned of loops, non-empty, not a refusal, not mostly copied from `sources`."""
+    cleaned, dropped = dedupe_repeats(text)
+    if not cleaned:
+        return fail("empty", "no text" + (" after removing repeats" if dropped else ""))
+    if is_refusal(cleaned):
+        return fail("refusal", f"the text refuses: {cleaned[:80]!r}", cleaned)
+    if len(words(cleaned)) < min_words:
+        return fail("too_short", f"{len(words(cleaned))} words, need {min_words}", cleaned)
+    if sources:
+        ratio = ngram_copy_ratio(cleaned, sources, n)
+        if ratio > max_copy:
+            return fail("echo", f"{ratio:.2f} of its {n}-grams copy the input (max {max_copy})", cleaned)
+    return Parsed("ok", cleaned)
+
+
+_YES = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
+
+
+def parse_yes_no(text: str) -> Parsed:
+    """The first word yes/no (case-insensitive, leading punctuation ignored) -> True/False."""
+    m = _YES.match(text)
+    if not m:
+        return fail("unparsable", f"expected yes or no, got {text[:40]!r}")
+    return Parsed("ok", m.group(1).lower() == "yes")
+
+
+def parse_choice(text: str, choices: Sequence[str]) -> Parsed:
+    """The first of `choices` (whole word, case-insensitive) that the text starts with, after punctuation."""
+    alt = "|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True))
+    m = re.match(rf"^\W*({alt})\b", text, re.IGNORECASE)
+    if not m:
+        return fail("unparsable", f"expected one of {list(choices)}, got {text[:40]!r}")
+    canon = {c.lower(): c for c in choices}
+    return Parsed("ok", canon[m.group(1).lower()])
+
+
+_SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_score(text: str, lo: float = 1, hi: float = 10) -> Parsed:
+    """The last "Score: N" with lo <= N <= hi."""
+    hits = _SCORE.findall(text)
+    if not hits:
+        return fail("unparsable", f"no 'Score: N' in {text[:40]!r}")
+    v = float(hits[-1])
+    if not lo <= v <= hi:
+        return fail("out_of_range", f"score {v:g} outside {lo:g}..{hi:g}")
+    return Parsed("ok", v)
+
+
+# ------------------------------------------------------------------------------------- model helpers
+def run_judge(backend, prompts: list, parser: Callable[[str], Parsed], sampling,
+              prefixes: list[str] | None = None) -> list[Parsed]:
+    """One batched generation (or continuation after `prefixes`) per prompt, each parsed deterministically."""
+    if not prompts:
+        return []
+    outs = backend.continue_(prompts, prefixes, sampling, n=1) if prefixes else \
+        backend.generate(prompts, sampling, n=1)
+    return [parser(o[0].text) for o in outs]
+
+
+def yes_probability(backend, prompts: list, prefix: str = "", yes: str = "Yes", no: str = "No") -> list[float]:
+    """P(yes) / (P(yes) + P(no)) for the assistant answering each prompt, from teacher-forced log-probs.
+
+    A classifier out of any causal LM with no parsing step: one batched `logprobs` call scores both answers
+    of every prompt. `prefix` is assistant text put before the answer word (e.g. "Answer: ").
+    """
+    if not prompts:
+        return []
+    res = backend.logprobs([p for p in prompts for _ in (0, 1)],
+                           [prefix + w for _ in prompts for w in (yes, no)])
+    out = []
+    for i in range(len(prompts)):
+        ly, ln = res[2 * i].total, res[2 * i + 1].total
+        m = max(ly, ln)
+        out.append(math.exp(ly - m) / (math.exp(ly - m) + math.exp(ln - m)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- report
+def error_category(error: str | None) -> str | None:
+    if not error:
+        return None
+    return error.split(":", 1)[0].strip()
+
+
+def parse_report(table: pa.Table) -> dict:
+    """Counts of a stage output: rows, status counts, error categories, and the parsed share."""
+    status = Counter(table.column("status").to_pylist()) if "status" in table.column_names else Counter()
+    cats = Counter(c for c in map(error_category, table.column("error").to_pylist()) if c) \
+        if "error" in table.column_names else Counter()
+    n = table.num_rows
+    return {"rows": n, "status": dict(status), "errors": dict(cats),
+            "ok_rate": status.get("ok", 0) / n if n else 0.0}
