@@ -226,3 +226,19 @@ def test_read_table_folder_keeps_ok_rows(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="cannot read"):
         read_table(tmp_path / "bad.parquet")
+
+
+def test_trl_conversational_format_gives_the_same_ids():
+    tok = char_tokenizer()
+    std = _pairs()
+    conv = pa.table({
+        "prompt": [[{"role": "user", "content": p}] for p in std["prompt"].to_pylist()],
+        "chosen": [[{"role": "assistant", "content": c}] for c in std["chosen"].to_pylist()],
+        "rejected": [[{"role": "assistant", "content": r}] for r in std["rejected"].to_pylist()]})
+    a, b = encode_pairs(std, tok, TokenizeConfig()), encode_pairs(conv, tok, TokenizeConfig())
+    assert a.prompts == b.prompts and a.completions == b.completions
+    with_system = pa.table({"prompt": [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]],
+                            "chosen": ["a"], "rejected": ["b"]})
+    v = tok.get_vocab()
+    p = encode_pairs(with_system, tok, TokenizeConfig()).prompts[0]
+    assert p[:2] == [v["<s>"], v["<|system|>"]] and p[-4:] == [v["<|user|>"], v["q"], v["\n"], v["<|assistant|>"]]

@@ -90,6 +90,34 @@ def _require(table: pa.Table, columns: tuple[str, ...], kinds: dict[str, str], f
             raise InputError(f"expected {want}, got {col.type}", file=file, column=c)
 
 
+def _is_conversation(col: pa.ChunkedArray) -> bool:
+    t = col.type
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type) and \
+        {"role", "content"} <= {f.name for f in t.value_type}
+
+
+def from_conversational(table: pa.Table, file: str | None = None) -> pa.Table:
+    """TRL's conversational format -> ours: a `prompt` list of {role, content} messages becomes
+    `prompt_messages` (JSON) with `prompt` = its last user turn; `chosen`/`rejected`/`completion` lists of
+    assistant messages become their text. Standard (string) columns pass through unchanged."""
+    if "prompt" in table.column_names and _is_conversation(table["prompt"]):
+        messages = table["prompt"].to_pylist()
+        for i, m in enumerate(messages):
+            if not m:
+                raise InputError("empty conversation", file=file, row=i, column="prompt")
+        users = [next((x["content"] for x in reversed(m) if x["role"] == "user"), m[-1]["content"])
+                 for m in messages]
+        table = table.set_column(table.column_names.index("prompt"), "prompt", pa.array(users, pa.string()))
+        table = table.append_column("prompt_messages", pa.array([json.dumps(m) for m in messages], pa.string())) \
+            if "prompt_messages" not in table.column_names else table
+    for name in ("chosen", "rejected", "completion"):
+        if name in table.column_names and _is_conversation(table[name]):
+            texts = ["".join(x["content"] for x in (m or []) if x["role"] == "assistant")
+                     for m in table[name].to_pylist()]
+            table = table.set_column(table.column_names.index(name), name, pa.array(texts, pa.string()))
+    return table
+
+
 def check_pairs(table: pa.Table, file: str | None = None, prefix_as_prompt: bool = False) -> None:
     if table.num_rows == 0:
         raise InputError("empty pair table", file=file)
@@ -247,6 +275,7 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
                  rationales: bool = False) -> Encoded:
     """Pairs as groups [chosen, rejected]. rationales=True also encodes the RDPO rationale of every pair as an
     extra sequence: the `rationale_prompt` column (prompt_rat) as a user turn -> `rationale` + EOS."""
+    table = from_conversational(table, file)
     check_pairs(table, file, cfg.prefix_as_prompt)
     enc = PieceEncoder(tokenizer)
     prompts = enc.prompts(_rendered_prompts(enc, table))
@@ -269,6 +298,7 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
 
 def encode_sft(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:
     """One completion per row: the `completion` column, else the pairs' `chosen` (groups of K=1)."""
+    table = from_conversational(table, file)
     target = "completion" if "completion" in table.column_names else "chosen"
     if table.num_rows == 0:
         raise InputError("empty table", file=file)
