@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import InputError, PrefpipeError
 from pipeline.fingerprint import derive_seed
 from pipeline.hub_card import (CARD_MARKER, ConfigExport, StageInfo, default_limitations, front_matter, list_stats,
-                               pair_stats, render_card)
+                               pair_stats, reduce_lists, reduce_pairs, render_card)
 from pipeline.store import RunStore, StageStore, StoreError
 from pipeline.store_cli import _status_from_shards
+from schemas import conform
 
 EXPORT_KINDS = ("pairs", "lists")
 
@@ -109,49 +110,101 @@ def open_run(run_dir: str | Path, only: list[str] | None = None) -> tuple[RunSto
         raise InputError(str(e), file=str(run_dir)) from None
 
 
-def export_table(table: pa.Table) -> pa.Table:
-    """The ok rows in plain types: dictionary columns become strings, which every `datasets` version reads."""
+def plain_schema(schema: pa.Schema) -> pa.Schema:
+    """Dictionary columns as their value type: every `datasets` version reads plain strings."""
+    fields = [pa.field(f.name, f.type.value_type, f.nullable, f.metadata) if pa.types.is_dictionary(f.type) else f
+              for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def export_table(table: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
+    """The ok rows of a stage table, in `schema` (default: its own schema with plain strings)."""
     if "status" in table.column_names:
         table = table.filter(pc.equal(table.column("status"), "ok"))
-    fields = [pa.field(f.name, f.type.value_type, f.nullable, f.metadata) if pa.types.is_dictionary(f.type) else f
-              for f in table.schema]
-    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    schema = schema or plain_schema(table.schema)
+    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema.remove_metadata()).cast(schema)
 
 
-def split_mask(prompt_ids: pa.Array, fraction: float, seed: int) -> pa.Array:
-    """True where the row goes to the test split: a seeded hash of prompt_id, independent of row order."""
+def held_out_prompt_ids(prompt_ids: pa.Array, fraction: float, seed: int) -> pa.Array:
+    """The prompt ids of the test split: a seeded hash of each id, independent of row order and sharding."""
     bound = fraction * 2**63
     unique = pc.unique(prompt_ids).to_pylist()  # hash each prompt once, however many rows it has
-    test_ids = pa.array([pid for pid in unique if derive_seed("prefpipe-export-split", seed, pid) < bound],
-                        prompt_ids.type)
-    return pc.is_in(prompt_ids, value_set=test_ids)
+    return pa.array([pid for pid in unique if derive_seed("prefpipe-export-split", seed, pid) < bound],
+                    prompt_ids.type)
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
-def _write_split(table: pa.Table, folder: Path, config: str, split: str, rows_per_file: int) -> list[str]:
-    n_files = max(1, math.ceil(table.num_rows / rows_per_file))
-    out = []
-    for i in range(n_files):
-        rel = f"data/{config}/{split}-{i:05d}-of-{n_files:05d}.parquet"
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.slice(i * rows_per_file, rows_per_file), folder / rel, compression="zstd")
-        out.append(rel)
-    return out
+class _SplitWriter:
+    """Writes one split as `<split>-0000i-of-0000n.parquet`, `rows_per_file` rows per file, holding at most one
+    file's rows in memory. The total is known up front (first pass), so the names can carry `-of-n`."""
+
+    def __init__(self, folder: Path, config: str, split: str, total: int, rows_per_file: int):
+        self.folder, self.config, self.split = folder, config, split
+        self.rows_per_file, self.n_files = rows_per_file, math.ceil(total / rows_per_file)
+        self.pending: list[pa.Table] = []
+        self.pending_rows, self.paths = 0, []
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_file:
+            self._write(self.rows_per_file)
+
+    def _write(self, n: int) -> None:
+        table = pa.concat_tables(self.pending)
+        rel = f"data/{self.config}/{self.split}-{len(self.paths):05d}-of-{self.n_files:05d}.parquet"
+        (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.slice(0, n), self.folder / rel, compression="zstd")
+        rest = table.slice(n)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        self.paths.append(rel)
+
+    def close(self) -> list[str]:
+        if self.pending_rows:  # an empty split gets no file: `datasets` cannot read a zero-row parquet file
+            self._write(self.pending_rows)
+        if len(self.paths) != self.n_files:
+            raise PrefpipeError(f"export of {self.config}/{self.split}: wrote {len(self.paths)} files, planned "
+                                f"{self.n_files} (the run changed during the export?)")
+        return self.paths
+
+
+def _export_schema(st: StageStore, output: str, kind: str) -> pa.Schema:
+    """One schema for every shard (declared columns first, a stage's extra columns after, nulls promoted)."""
+    unified = pa.unify_schemas([pq.read_schema(f) for f in st.files(output)], promote_options="default")
+    return plain_schema(conform(unified.empty_table(), kind).schema)
 
 
 def _export_config(store: RunStore, info: StageInfo, output: str, folder: Path, cfg: ExportConfig) -> ConfigExport:
-    kind = info.outputs[output]
-    name = config_name(info.name, output)
-    table = export_table(store.stage(info.name).read(output))
+    """Stream one stage output shard by shard into its split files, collecting the card's statistics."""
+    kind, name, st = info.outputs[output], config_name(info.name, output), store.stage(info.name)
     ce = ConfigExport(name=name, stage=info.name, output=output, kind=kind, status=info.status.get(output, {}))
-    ce.stats = pair_stats(table) if kind == "pairs" else list_stats(table)
-    parts = {"train": table}
-    if cfg.test_fraction > 0:
-        mask = split_mask(table.column("prompt_id"), cfg.test_fraction, cfg.seed)
-        parts = {"train": table.filter(pc.invert(mask)), "test": table.filter(mask)}
-    for split, part in parts.items():
-        ce.splits[split] = part.num_rows
-        ce.files[split] = _write_split(part, folder, name, split, cfg.rows_per_file)
+    # Pass 1 (two small columns): how many ok rows go to each split, so file names can say "-of-n".
+    keys = st.read(output, columns=["prompt_id", "status"])
+    ok_ids = keys.column("prompt_id").filter(pc.equal(keys.column("status"), "ok"))
+    test_ids = held_out_prompt_ids(ok_ids, cfg.test_fraction, cfg.seed) if cfg.test_fraction > 0 else None
+    n_test = 0 if test_ids is None else pc.sum(pc.is_in(ok_ids, value_set=test_ids)).as_py() or 0
+    totals = {"train": len(ok_ids) - n_test} | ({"test": n_test} if test_ids is not None else {})
+    schema = _export_schema(st, output, kind)
+    writers = {s: _SplitWriter(folder, name, s, n, cfg.rows_per_file) for s, n in totals.items()}
+    reduce = reduce_pairs if kind == "pairs" else reduce_lists
+    reduced = []
+    # Pass 2: shard by shard, so memory stays at about one shard plus one output file.
+    for path in st.files(output):
+        table = export_table(conform(pq.read_table(path), kind, file=str(path)), schema)
+        reduced.append(reduce(table))
+        if test_ids is None:
+            writers["train"].add(table)
+            continue
+        in_test = pc.is_in(table.column("prompt_id"), value_set=test_ids)
+        writers["train"].add(table.filter(pc.invert(in_test)))
+        writers["test"].add(table.filter(in_test))
+    ce.files = {s: paths for s, w in writers.items() if (paths := w.close())}
+    ce.splits = dict(totals)
+    stats_table = pa.concat_tables(reduced) if reduced else reduce(schema.empty_table())
+    ce.stats = pair_stats(stats_table) if kind == "pairs" else list_stats(stats_table)
     return ce
 
 
@@ -202,7 +255,11 @@ def export_run(run_dir: str | Path, out: str | Path, cfg: ExportConfig | None = 
     # Build beside the target and swap at the end, so a failed export never leaves a half-written folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        configs = [_export_config(store, st, o, tmp, cfg) for st, o in targets]
+        built = [_export_config(store, st, o, tmp, cfg) for st, o in targets]
+        configs = [c for c in built if c.files]  # a config with no ok rows has no file to declare
+        if not configs:
+            raise InputError(f"no ok rows to export: every pair/list row is failed or filtered "
+                             f"({ {c.name: c.status for c in built} })", file=str(run_dir))
         names = [c.name for c in configs]
         # The biggest pairs config is the one a user most likely wants from `load_dataset(repo)`.
         ranked = sorted(configs, key=lambda c: (c.kind != "pairs", -sum(c.splits.values()), c.name))
@@ -264,15 +321,20 @@ def push_export(folder: str | Path, repo_id: str, *, private: bool = False, toke
         raise InputError("not an export folder (no README.md); run `prefpipe export` first", file=str(folder))
     if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise InputError(f"repo id must be USER/NAME or ORG/NAME, got {repo_id!r}")
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise InputError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (HF_HUB_OFFLINE=0) to push")
     token = token or resolve_token(token_env)
     _check_no_token(folder, token)
-    from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        # delete_patterns: data files of an earlier, larger export would otherwise stay in the repo and match
+        # the card's `data/<config>/train-*` globs, duplicating rows.
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
-                                 commit_message=commit_message)
+                                 commit_message=commit_message, delete_patterns=["data/*"])
     except Exception as e:  # the client raises many types (HTTP, value, OS); all mean "the push did not finish"
         reason = _scrub(f"{type(e).__name__}: {e}", token).strip().splitlines()
         hint = rerun_hint or f"prefpipe export RUN_DIR --out {folder} --repo {repo_id}"

@@ -15,6 +15,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 # Config keys whose values say how labels were decided (verifiers, judges, reward models).
@@ -64,38 +65,53 @@ def _describe(values: pl.Series) -> dict[str, Any] | None:
             "min": float(values.min()), "max": float(values.max())}
 
 
-def pair_stats(table: pa.Table) -> dict[str, Any]:
+PAIR_STAT_COLUMNS = ("score_margin", "label_confidence", "generator_model", "judge_model", "method")
+
+
+def reduce_pairs(table: pa.Table) -> pa.Table:
+    """The few columns the card's pair statistics need (so a large export keeps only these in memory)."""
+    cols = {c: table.column(c) for c in PAIR_STAT_COLUMNS if c in table.column_names}
+    if "shared_prefix" in table.column_names:
+        cols["has_prefix"] = pc.fill_null(pc.greater(pc.utf8_length(table.column("shared_prefix")), 0), False)
+    return pa.table(cols)
+
+
+def reduce_lists(table: pa.Table) -> pa.Table:
+    scores = table.column("scores")
+    return pa.table({"list_size": pc.list_value_length(table.column("responses")),
+                     "score_spread": pc.subtract(_list_agg(scores, "max"), _list_agg(scores, "min")),
+                     "method": table.column("method")})
+
+
+def _list_agg(lists: pa.ChunkedArray, how: str) -> pa.Array:
+    """Per-row max/min of a list column (null for an empty list)."""
+    s = pl.from_arrow(lists.combine_chunks()) if len(lists) else pl.Series([], dtype=pl.List(pl.Float64))
+    return (s.list.max() if how == "max" else s.list.min()).cast(pl.Float64).to_arrow()
+
+
+def pair_stats(reduced: pa.Table) -> dict[str, Any]:
     """Margins (with the share of ties), label confidence, models and shared prefixes of exported pairs."""
-    df = pl.from_arrow(table.select([c for c in ("score_margin", "label_confidence", "generator_model",
-                                                 "judge_model", "shared_prefix", "method")
-                                     if c in table.column_names]))
+    df = pl.from_arrow(reduced)
     out: dict[str, Any] = {"rows": df.height}
     margin = _describe(df["score_margin"]) if "score_margin" in df.columns else None
     if margin:
-        non_null = df["score_margin"].drop_nulls()
-        margin["ties"] = int((non_null == 0).sum())
-        margin["tie_share"] = margin["ties"] / margin["count"]
+        margin["ties"] = int((df["score_margin"].drop_nulls() == 0).sum())
         margin["missing"] = df.height - margin["count"]
     out["score_margin"] = margin
     out["label_confidence"] = _describe(df["label_confidence"]) if "label_confidence" in df.columns else None
     out["generator_models"] = _counts(df, "generator_model")
     out["judge_models"] = _counts(df, "judge_model")
     out["methods"] = _counts(df, "method")
-    if "shared_prefix" in df.columns and df.height:
-        has_prefix = df["shared_prefix"].drop_nulls().str.len_chars() > 0
-        out["shared_prefix_share"] = float(has_prefix.sum()) / df.height
+    if "has_prefix" in df.columns and df.height:
+        out["shared_prefix_share"] = float(df["has_prefix"].sum()) / df.height
     return out
 
 
-def list_stats(table: pa.Table) -> dict[str, Any]:
-    """List sizes and score spreads of exported ranked lists."""
-    df = pl.from_arrow(table.select([c for c in ("responses", "scores", "method") if c in table.column_names]))
-    out: dict[str, Any] = {"rows": df.height, "methods": _counts(df, "method")}
-    if df.height:
-        out["list_size"] = _describe(df["responses"].list.len())
-        scores = df["scores"]
-        out["score_spread"] = _describe(scores.list.max() - scores.list.min())
-    return out
+def list_stats(reduced: pa.Table) -> dict[str, Any]:
+    """List sizes and score spreads (max - min score in a list) of exported ranked lists."""
+    df = pl.from_arrow(reduced)
+    return {"rows": df.height, "methods": _counts(df, "method"), "list_size": _describe(df["list_size"]),
+            "score_spread": _describe(df["score_spread"])}
 
 
 def _counts(df: pl.DataFrame, column: str) -> dict[str, int]:
@@ -176,7 +192,7 @@ def front_matter(configs: list[ConfigExport], *, default_config: str, license: s
     entries = []
     for c in configs:
         entry: dict[str, Any] = {"config_name": c.name,
-                                 "data_files": [{"split": s, "path": f"data/{c.name}/{s}-*"} for s in c.splits]}
+                                 "data_files": [{"split": s, "path": f"data/{c.name}/{s}-*"} for s in c.files]}
         if c.name == default_config:
             entry["default"] = True
         entries.append(entry)
@@ -219,6 +235,9 @@ def _configs_section(configs: list[ConfigExport], test_fraction: float, seed: in
         lines.append(f"| `{c.name}` | {c.stage} | {c.output} | {c.kind} | {c.splits.get('train', 0)} | "
                      f"{c.splits.get('test', '-') if 'test' in c.splits else '-'} |")
     lines.append("")
+    empty = [f"`{c.name}` {s}" for c in configs for s, n in c.splits.items() if n == 0]
+    if empty:
+        lines += [f"Empty splits, not declared above (a zero-row file cannot be loaded): {', '.join(empty)}.", ""]
     if test_fraction > 0:
         lines += [f"The `test` split holds about {test_fraction:.0%} of the prompts (seed {seed}), chosen by a "
                   "hash of `prompt_id`, so all rows of one prompt sit in the same split.", ""]

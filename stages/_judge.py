@@ -19,6 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.backends.base import cut_at_stop
+
 
 @dataclass(frozen=True)
 class Parsed:
@@ -250,6 +252,34 @@ def run_judge(backend, prompts: list, parser: Callable[[str], Parsed], sampling,
     outs = backend.continue_(prompts, prefixes, sampling, n=1) if prefixes else \
         backend.generate(prompts, sampling, n=1)
     return [parser(o[0].text) for o in outs]
+
+
+def generate_parsed(backend, prompts: list, parse: Callable[[int, str], Parsed],
+                    sampling: Callable[[int], object], *, prefixes: list[str] | None = None,
+                    max_attempts: int = 1) -> tuple[list[Parsed], list[int]]:
+    """Generate once per prompt, parse, and regenerate only the failures, up to `max_attempts` in all.
+
+    Each attempt is one batched call over the prompts still failing. `parse(i, text)` parses the output of
+    prompt i; `sampling(attempt)` gives the SamplingParams of an attempt (e.g. greedy first, then sampled).
+    `prefixes` (one per prompt) start the assistant turn, through `continue_`. Returns the last parse of every
+    prompt and how many attempts it took.
+    """
+    results: list[Parsed] = [fail("not_run", "no attempt")] * len(prompts)
+    attempts = [0] * len(prompts)
+    todo = list(range(len(prompts)))
+    for attempt in range(max_attempts):
+        if not todo:
+            break
+        sp = sampling(attempt)
+        batch = [prompts[i] for i in todo]
+        outs = backend.continue_(batch, [prefixes[i] for i in todo], sp, n=1) if prefixes is not None \
+            else backend.generate(batch, sp, n=1)
+        for i, o in zip(todo, outs):
+            attempts[i] = attempt + 1
+            # Cut at the stop strings again: a no-op for backends that honour them, a guard for those that don't.
+            results[i] = parse(i, cut_at_stop(o[0].text, list(getattr(sp, "stop", []) or []), False)[0])
+        todo = [i for i in todo if not results[i].ok]
+    return results, attempts
 
 
 def yes_probability(backend, prompts: list, prefix: str = "", yes: str = "Yes", no: str = "No") -> list[float]:

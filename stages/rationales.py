@@ -35,7 +35,7 @@ from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from stages._common import now_utc, pair_id
-from stages._judge import Parsed, argued_for, fail, parse_text, words
+from stages._judge import Parsed, argued_for, fail, generate_parsed, parse_text, words
 
 STAGE = "rationale"
 
@@ -162,26 +162,14 @@ def check_rationale(continuation: str, lay: dict, cfg: RationaleConfig) -> Parse
     return Parsed("ok", (text, stance))
 
 
-def generate_rationales(rows: list[dict], layouts: list[dict], cfg: RationaleConfig, backend,
+def generate_rationales(layouts: list[dict], cfg: RationaleConfig, backend,
                         seed: int) -> tuple[list[Parsed], list[int]]:
     """All pairs in one batched call per attempt; only failed pairs are retried. Returns (parsed, attempts)."""
-    results: list[Parsed | None] = [None] * len(rows)
-    attempts = [0] * len(rows)
-    todo = list(range(len(rows)))
-    for attempt in range(cfg.max_attempts):
-        if not todo:
-            break
-        sp = cfg.sampling_params(attempt, seed)
-        prompts = [layouts[i]["generation_prompt"] for i in todo]
-        if cfg.lead:
-            outs = backend.continue_(prompts, [layouts[i]["lead"] for i in todo], sp, n=1)
-        else:
-            outs = backend.generate(prompts, sp, n=1)
-        for i, o in zip(todo, outs):
-            attempts[i] = attempt + 1
-            results[i] = check_rationale(o[0].text, layouts[i], cfg)
-        todo = [i for i in todo if not results[i].ok]
-    return results, attempts  # type: ignore[return-value]
+    return generate_parsed(
+        backend, [lay["generation_prompt"] for lay in layouts],
+        lambda i, text: check_rationale(text, layouts[i], cfg),
+        lambda attempt: cfg.sampling_params(attempt, seed),
+        prefixes=[lay["lead"] for lay in layouts] if cfg.lead else None, max_attempts=cfg.max_attempts)
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -226,8 +214,7 @@ def run(rows: pa.Table, cfg: RationaleConfig, backend, ctx: StageContext) -> dic
     _check_input(records)
     live = [i for i, r in enumerate(records) if r.get("status", "ok") == "ok"]
     layouts = {i: layout(records[i], cfg, ctx) for i in live}
-    parsed, attempts = generate_rationales([records[i] for i in live], [layouts[i] for i in live], cfg, backend,
-                                           ctx.seed) if live else ([], [])
+    parsed, attempts = generate_rationales([layouts[i] for i in live], cfg, backend, ctx.seed)
     by_row = {i: (p, a) for i, p, a in zip(live, parsed, attempts)}
     model = getattr(backend, "model_id", None) or "unknown"
     created = now_utc()

@@ -75,7 +75,7 @@ class FakeHubState:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, int]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # handlers may answer while holding it
         self.fail_commits = False  # a test switch: make every commit fail with a 500
 
     def authorized(self, header: str | None) -> bool:
@@ -213,15 +213,16 @@ class Handler(BaseHTTPRequestHandler):
         repo_type = payload.get("type") or "model"
         repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
         with self.state.lock:
-            if (repo_type, repo_id) in self.state.repos:
-                return self._error(409, "You already created this repo")
+            url = f"{self.server.base_url}/{URL_PREFIX[repo_type]}{repo_id}"
+            if (repo_type, repo_id) in self.state.repos:  # the Hub's 409 carries the url; exist_ok reads it
+                return self._send(409, {"error": "You already created this repo", "url": url},
+                                  {"X-Error-Message": "You already created this repo"})
             sha = _commit_sha("", b"initial")
             gitattributes = Blob(b"*.parquet filter=lfs diff=lfs merge=lfs -text\n", lfs=False)
             repo = Repo(repo_id, repo_type, payload.get("visibility") == "private" or bool(payload.get("private")),
                         commits=[(sha, {".gitattributes": gitattributes})])
             self.state.repos[(repo_type, repo_id)] = repo
-        self._send(200, {"url": f"{self.server.base_url}/{URL_PREFIX[repo_type]}{repo_id}", "name": repo_id,
-                         "id": repo_id})
+        self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def validate_yaml(self) -> None:
         payload = json.loads(self._body() or b"{}")

@@ -29,6 +29,7 @@ from pipeline.store import RunStore
 from tests.helpers.toy_stage import ToyConfig, prompts
 from tests.hub_server import FakeHub
 
+pytestmark = pytest.mark.timeout(300)  # a stuck HTTP exchange fails this module, not the whole suite
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_TESTtoken_9f3c2a7e51d04b8c"
 EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -163,6 +164,13 @@ def test_test_split_is_seeded_and_grouped_by_prompt(run_dir, tmp_path):
     again = export_run(run_dir, tmp_path / "b", cfg)
     assert next(c for c in again.configs if c.name == "tree-search").splits == pairs.splits
     other = export_run(run_dir, tmp_path / "c", cfg.model_copy(update={"seed": 4}))
+    tiny = export_run(run_dir, tmp_path / "d", ExportConfig(test_fraction=0.001, stages=["tree-search"]))
+    assert next(c for c in tiny.configs if c.name == "tree-search").splits == {"train": N - 5, "test": 0}
+    tiny_ds = datasets.load_dataset(str(tmp_path / "d"), name="tree-search")
+    assert list(tiny_ds) == ["train"] and tiny_ds["train"].num_rows == N - 5  # the empty test split is left out
+    assert not list((tmp_path / "d" / "data" / "tree-search").glob("test-*"))
+    assert "Empty splits, not declared above (a zero-row file cannot be loaded): `tree-search` test" in \
+        tiny.card_path.read_text()
     other_files = next(c for c in other.configs if c.name == "tree-search").files["test"]
     other_test = {pid for f in other_files for pid in pq.read_table(tmp_path / "c" / f).column("prompt_id").to_pylist()}
     assert other_test != pair_test_ids
@@ -344,6 +352,35 @@ def test_failed_push_keeps_folder_and_says_what_to_rerun(export, online):
         assert "hf_wrong_token_000" not in str(err.value)
         assert ("me/other" not in {r for _, r in hub.state.repos})
     assert _digest(export.folder) == before
+
+
+def test_repush_replaces_stale_data_files(run_dir, tmp_path, online):
+    small = export_run(run_dir, tmp_path / "e", ExportConfig(rows_per_file=5, stages=["tree-search"]))
+    with FakeHub(TOKEN) as hub:
+        push_export(small.folder, "me/prefs", token=TOKEN, endpoint=hub.url)
+        assert "data/tree-search/train-00003-of-00004.parquet" in hub.files("me/prefs")
+        big = export_run(run_dir, tmp_path / "e", ExportConfig(stages=["tree-search"]))
+        push_export(big.folder, "me/prefs", token=TOKEN, endpoint=hub.url)
+        remote = hub.files("me/prefs")
+    local = {str(p.relative_to(big.folder)): p.read_bytes() for p in big.folder.rglob("*") if p.is_file()}
+    assert sorted(remote) == sorted([".gitattributes", *local])
+    assert all(remote[k] == v for k, v in local.items())
+
+
+def test_push_refuses_offline_mode_and_missing_token(export, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE is set"):
+        push_export(export.folder, "me/prefs", token=TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("NO_SUCH_TOKEN_VAR", raising=False)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(export.folder.parent / "empty_hf_home" / "token"))
+    with pytest.raises(InputError, match="no Hugging Face token: set the environment variable NO_SUCH_TOKEN_VAR"):
+        push_export(export.folder, "me/prefs", token_env="NO_SUCH_TOKEN_VAR")
+    with pytest.raises(InputError, match="repo id must be USER/NAME"):
+        push_export(export.folder, "just-a-name", token=TOKEN)
 
 
 def test_token_inside_the_folder_is_refused(run_dir, tmp_path, online):
