@@ -6,7 +6,8 @@
 Each side runs in its own subprocess (so peak RSS is its own: ru_maxrss of the child) for one epoch over the
 same pairs with the same micro-batch, lr and max_length, sigmoid loss, no gradient checkpointing. tokens/s counts
 every non-padding token of both sequences (prompt+chosen and prompt+rejected: the prompt counts twice, as in
-TRL's concatenated forward), over the steps after the first two (warmup excluded). Our reference log-probs are
+TRL's concatenated forward), over the steps after the first two (warmup excluded), per wall second and per
+CPU second of the process (the steadier number when other jobs share the cores). Our reference log-probs are
 one cached pass, timed separately; TRL runs its reference model every step (its default).
 
 Model: data/tiny-policy when it exists, else a random Llama of the tiny policy's shape (hidden 256, 4 layers)
@@ -79,11 +80,26 @@ def epoch_tokens(model_dir: Path, data: Path, max_length: int) -> int:
     return enc.num_tokens()
 
 
+def _clock() -> tuple[float, float]:
+    # wall time and this process's CPU time (all threads): on a shared machine the CPU clock is the steadier
+    return time.perf_counter(), time.process_time()
+
+
+def _rates(stamps: list[tuple[float, float]], args) -> dict:
+    """tokens/s over the steps after the warmup, wall and CPU; tokens = the epoch's pair tokens (prompt counted
+    twice) in proportion to the timed steps, identical for every side and layout."""
+    steps = len(stamps)
+    tokens = epoch_tokens(args.model, args.data, args.max_length) * (steps - WARMUP_STEPS) / steps
+    wall = stamps[-1][0] - stamps[WARMUP_STEPS - 1][0]
+    cpu = stamps[-1][1] - stamps[WARMUP_STEPS - 1][1]
+    return {"steps": steps, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu}
+
+
 def run_ours(args) -> dict:
     import torch
 
     from pipeline.train.config import TrainConfig
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import Trainer, lr_at
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(model=str(args.model), data=str(args.data), output_dir=out, lr=1e-5, device="cpu",
@@ -93,16 +109,15 @@ def run_ours(args) -> dict:
                           **json.loads(args.opts))
         trainer = Trainer(cfg)
         t0 = time.perf_counter()
-        trainer.prepare_reference()
+        trainer.setup()  # the one reference pass (then the policy goes to train mode)
         ref_s = time.perf_counter() - t0
-        res = trainer.train()  # the reference comes from the cache written above
-        assert res.ref_reused
-    steps = res.history[WARMUP_STEPS:]
-    tokens = sum(s["num_tokens"] for s in steps)
-    seconds = sum(s["num_tokens"] / s["tokens/s"] for s in steps)
-    return {"side": "ours", "opts": json.loads(args.opts), "steps": len(res.history),
-            "tokens_per_s": tokens / seconds, "ref_pass_s": ref_s,
-            "first_loss": res.history[0]["loss"], "last_loss": res.history[-1]["loss"]}
+        schedule, optimizer = trainer._schedule(), trainer._optimizer()
+        stamps, losses = [], []
+        for i, groups in enumerate(schedule):  # Trainer.train()'s loop without the file writing
+            losses.append(trainer.step(groups, optimizer, lr_at(i, cfg, len(schedule)))["loss"])
+            stamps.append(_clock())
+    return {"side": "ours", "opts": json.loads(args.opts), **_rates(stamps, args), "ref_pass_s": ref_s,
+            "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def run_trl(args) -> dict:
@@ -120,11 +135,11 @@ def run_trl(args) -> dict:
         "rejected": [[{"role": "assistant", "content": r}] for r in table["rejected"].to_pylist()]})
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
+            stamps.append(_clock())
 
     with tempfile.TemporaryDirectory() as out:
         opts = {"gradient_checkpointing": False, **json.loads(args.opts)}
@@ -135,11 +150,7 @@ def run_trl(args) -> dict:
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = len(stamps)
-    timed = stamps[-1] - stamps[WARMUP_STEPS - 1]
-    tokens = epoch_tokens(args.model, args.data, args.max_length) * (steps - WARMUP_STEPS) / steps
-    return {"side": "trl", "opts": opts, "steps": steps,
-            "tokens_per_s": tokens / timed, "first_loss": losses[0] if losses else None,
+    return {"side": "trl", "opts": opts, **_rates(stamps, args), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None}
 
 
@@ -191,7 +202,8 @@ def main() -> None:
         if r["side"] != "ours" or "error" in r:
             continue
         for t in trl:
-            print(f"ours {r['opts']} vs trl {t['opts']}: tokens/s x{r['tokens_per_s'] / t['tokens_per_s']:.2f}, "
+            print(f"ours {r['opts']} vs trl {t['opts']}: tokens/s x{r['tokens_per_s'] / t['tokens_per_s']:.2f} "
+                  f"(per CPU-second x{r['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}), "
                   f"peak RSS x{r['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -177,11 +177,10 @@ class Encoded:
 class PieceEncoder:
     """Encodes prompts and completions with one tokenizer; each distinct text is tokenized once."""
 
-    def __init__(self, tokenizer, system_default: str | None = None):
+    def __init__(self, tokenizer):
         self.tok = tokenizer
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
-        self.eos_text = tokenizer.eos_token
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.adds_bos = self.bos is not None and len(probe) > 0 and probe[0] == self.bos
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -238,7 +237,13 @@ def _rendered_prompts(enc: PieceEncoder, table: pa.Table) -> list[str]:
     prompts = table["prompt"].to_pylist()
     systems = _optional_strings(table, "system")
     messages = _optional_strings(table, "prompt_messages")
-    return [enc.render_prompt(p, s, m) for p, s, m in zip(prompts, systems, messages)]
+    rendered: dict[tuple, str] = {}  # many pairs share a prompt: render each distinct one once
+    out = []
+    for key in zip(prompts, systems, messages):
+        if key not in rendered:
+            rendered[key] = enc.render_prompt(*key)
+        out.append(rendered[key])
+    return out
 
 
 def _strip_prefix(prefixes: list[str], texts: list[str], file: str | None, column: str) -> list[str]:
