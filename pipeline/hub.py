@@ -209,10 +209,17 @@ def _export_config(store: RunStore, info: StageInfo, output: str, folder: Path, 
 
 
 def _task_hint(store: RunStore, configs: list[ConfigExport]) -> str | None:
-    """'arith' when the rows say they come from the bundled arithmetic task (its meta JSON names the task)."""
+    """'arith' when the rows come from the bundled arithmetic task: its prompt ids are `arith-<hash>`, and its
+    meta JSON (which some stages copy into `extra`) names the task."""
     for c in configs:
-        table = store.stage(c.stage).read(c.output, columns=["extra"])
-        for extra in table.column("extra").slice(0, 50).to_pylist():
+        first = next(store.stage(c.stage).iter_batches(c.output, batch_size=50, columns=["prompt_id", "extra"]),
+                     None)
+        if first is None:
+            continue
+        ids, extras = first.column(0).to_pylist(), first.column(1).to_pylist()
+        if ids and sum(str(i).startswith("arith-") for i in ids) > len(ids) // 2:
+            return "arith"
+        for extra in extras:
             try:
                 if json.loads(extra or "{}").get("task") == "arith":
                     return "arith"
@@ -254,6 +261,7 @@ def export_run(run_dir: str | Path, out: str | Path, cfg: ExportConfig | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and swap at the end, so a failed export never leaves a half-written folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the export is meant to be shared
     try:
         built = [_export_config(store, st, o, tmp, cfg) for st, o in targets]
         configs = [c for c in built if c.files]  # a config with no ok rows has no file to declare

@@ -22,7 +22,8 @@ import yaml
 LABEL_SOURCE_KEY = re.compile(r"verif|judge|reward_model|scorer|value_fn|labeler|classifier", re.I)
 MODEL_KEY = re.compile(r"model", re.I)
 # Keys whose values are never written to a card, whatever a config holds.
-SECRET_KEY = re.compile(r"token|secret|password|passwd|api_key|apikey|authorization|credential", re.I)
+# Whole words at the end of a key: `hf_token`, `api_key`, `password` match; `max_tokens` does not.
+SECRET_KEY = re.compile(r"(^|[_\-.])(token|secret|password|passwd|api_?key|authorization|credentials?)$", re.I)
 SIZE_BUCKETS = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                 (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
 CARD_MARKER = "<!-- written by prefpipe export -->"
@@ -65,7 +66,7 @@ def _describe(values: pl.Series) -> dict[str, Any] | None:
             "min": float(values.min()), "max": float(values.max())}
 
 
-PAIR_STAT_COLUMNS = ("score_margin", "label_confidence", "generator_model", "judge_model", "method")
+PAIR_STAT_COLUMNS = ("score_margin", "label_confidence", "generator_model", "judge_model", "method", "pair_type")
 
 
 def reduce_pairs(table: pa.Table) -> pa.Table:
@@ -102,6 +103,7 @@ def pair_stats(reduced: pa.Table) -> dict[str, Any]:
     out["generator_models"] = _counts(df, "generator_model")
     out["judge_models"] = _counts(df, "judge_model")
     out["methods"] = _counts(df, "method")
+    out["pair_types"] = _counts(df, "pair_type")  # tree-search's first_wrong_step / terminal / ... when present
     if "has_prefix" in df.columns and df.height:
         out["shared_prefix_share"] = float(df["has_prefix"].sum()) / df.height
     return out
@@ -179,7 +181,8 @@ class _BlockDumper(yaml.SafeDumper):
 
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str):
-    style = "|" if "\n" in data else None  # templates read better as block text than as escaped one-liners
+    # Templates read better as block text than as escaped one-liners; a bare "\n" reads best quoted.
+    style = "|" if "\n" in data and data.strip() else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
@@ -291,7 +294,9 @@ def _models_section(configs: list[ConfigExport], stages: list[StageInfo]) -> lis
         judge = ", ".join(f"`{m}` ({n})" for m, n in c.stats.get("judge_models", {}).items()) or "none recorded"
         methods = ", ".join(f"`{m}` ({n})" for m, n in c.stats.get("methods", {}).items()) or "none recorded"
         if c.kind == "pairs":
-            lines.append(f"- `{c.name}`: generator models {gen}; judge models {judge}; methods {methods}.")
+            types = ", ".join(f"`{m}` ({n})" for m, n in c.stats.get("pair_types", {}).items())
+            lines.append(f"- `{c.name}`: generator models {gen}; judge models {judge}; methods {methods}"
+                         + (f"; pair types {types}." if types else "."))
         else:
             lines.append(f"- `{c.name}`: methods {methods}.")
     for st in stages:

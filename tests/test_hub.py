@@ -256,6 +256,14 @@ def test_card_run_config_and_limitations(run_dir, export):
     assert f"`tree-search`: {odd_ok / 18:.0%} of pairs share an assistant prefix" in limits
 
 
+def test_redact_blanks_secret_keys_only():
+    cfg = {"hf_token": "hf_x", "max_tokens": 5, "rollout_max_tokens": 9, "token": "t", "nested":
+           {"api_key": "k", "apikey": "k2", "password": "", "auth-token": None, "judge_model": "m"}, "list": [{"secret": 1}]}
+    assert redact(cfg) == {"hf_token": "<redacted>", "max_tokens": 5, "rollout_max_tokens": 9, "token": "<redacted>",
+                           "nested": {"api_key": "<redacted>", "apikey": "<redacted>", "password": "",
+                                      "auth-token": None, "judge_model": "m"}, "list": [{"secret": "<redacted>"}]}
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------
 def test_bad_inputs(tmp_path, run_dir):
     with pytest.raises(InputError, match="run directory does not exist"):
