@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,10 @@ import typer
 
 
 def _rerun_hint(run_dir: Path, out: Path, repo: str, private: bool, token_env: str) -> str:
+    """The command to run again after a failed push: the user's own command line when we have it (the export
+    is deterministic, so rebuilding gives the same files and the Hub skips what it already holds)."""
+    if Path(sys.argv[0]).name == "prefpipe":
+        return shlex.join(["prefpipe", *sys.argv[1:]])
     parts = ["prefpipe", "export", str(run_dir), "--out", str(out), "--repo", repo]
     if private:
         parts.append("--private")

@@ -409,10 +409,16 @@ def test_push_then_load_dataset_from_repo(run_dir, tmp_path):
                     "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
                     "HF_DATASETS_CACHE": str(tmp_path / "ds_cache"), "HF_HUB_VERBOSITY": "debug",
                     "HF_HUB_DISABLE_TELEMETRY": "1", "MY_HUB_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)})
-        push = subprocess.run([str(ROOT / ".venv/bin/prefpipe"), "export", str(run_dir), "--out", str(out),
-                               "--repo", "me/prefs", "--private", "--token-env", "MY_HUB_TOKEN",
-                               "--test-fraction", "0.25"],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        cmd = [str(ROOT / ".venv/bin/prefpipe"), "export", str(run_dir), "--out", str(out), "--repo", "me/prefs",
+               "--private", "--token-env", "MY_HUB_TOKEN", "--test-fraction", "0.25"]
+        hub.state.fail_commits = True  # first a push that fails at the commit: exit 2, folder kept, rerun named
+        failed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert failed.returncode == 2, failed.stderr[-3000:]
+        assert "is intact; rerun `prefpipe export " + str(run_dir) + " --out " + str(out) + " --repo me/prefs " \
+               "--private --token-env MY_HUB_TOKEN --test-fraction 0.25`" in " ".join(failed.stderr.split())
+        assert (out / "README.md").exists()
+        hub.state.fail_commits = False
+        push = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         assert push.returncode == 0, push.stderr[-3000:]
         assert "pushed to me/prefs" in push.stdout
         assert sorted(hub.files("me/prefs")) == sorted([".gitattributes"] + [
@@ -440,7 +446,7 @@ def test_push_then_load_dataset_from_repo(run_dir, tmp_path):
             remote += pq.read_table(loader / f"{name}-{split}.parquet").to_pylist()
         assert sorted(remote, key=lambda r: r["row_key"]) == local, name
     # The token is in no output, no log line, no exported or cached file.
-    for text in (push.stdout, push.stderr, load.stdout, load.stderr):
+    for text in (failed.stdout, failed.stderr, push.stdout, push.stderr, load.stdout, load.stderr):
         assert TOKEN not in text
     for folder in (out, tmp_path / "hf_home", tmp_path / "ds_cache", loader):
         for p in folder.rglob("*"):
