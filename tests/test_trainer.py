@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -355,3 +356,26 @@ def test_rdpo_rationale_is_a_third_sequence_in_the_same_forward(setup, tmp_path)
     pq.write_table(_pair_table(2), bad)
     with pytest.raises(InputError, match="column 'rationale'"):
         Trainer(_cfg(bad, tmp_path, loss={"rationale_gamma": 0.01}), model=model, tokenizer=tok)
+
+
+TINY_POLICY = Path(__file__).resolve().parents[1] / "data" / "tiny-policy"
+
+
+@pytest.mark.skipif(not (TINY_POLICY / "config.json").exists(), reason="data/tiny-policy not built yet")
+def test_tiny_policy_task_pairs_smoke(tmp_path):
+    """The committed tiny policy on the bundled task's pairs (gold vs a wrong final answer), loaded by name."""
+    from pipeline.tasks.arith import TaskConfig, make_split
+    problems = make_split(TaskConfig.tiny(), "train", 8)
+    wrong = [p.gold_solution.rsplit(str(p.answer), 1)[0] + str(p.answer + 1) for p in problems]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": [p.question for p in problems],
+                             "chosen": [p.gold_solution for p in problems], "rejected": wrong}), path)
+    cfg = _cfg(path, tmp_path, model="tiny-policy", micro_batch=4, max_steps=2, lr=1e-4, share_prompt=True)
+    t = Trainer(cfg)
+    bos, eos = t.tokenizer.bos_token_id, t.tokenizer.eos_token_id
+    assert all(c[-1] == eos and c.count(eos) == 1 for cs in t.data.completions for c in cs)
+    assert all(p.count(bos) <= 1 for p in t.data.prompts) if bos is not None else True
+    res = t.train()
+    assert abs(res.history[0]["loss"] - math.log(2)) < 1e-6
+    # a trained policy prefers the gold solution: its summed log-prob beats the wrong answer's
+    assert res.history[0]["logps/chosen"] > res.history[0]["logps/rejected"]
