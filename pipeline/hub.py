@@ -339,10 +339,17 @@ def push_export(folder: str | Path, repo_id: str, *, private: bool = False, toke
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        # create_repo(exist_ok=True) leaves an existing repo's visibility alone; never publish data the user
+        # asked to keep private.
+        if private and not api.repo_info(repo_id, repo_type="dataset").private:
+            raise InputError(f"--private was asked but dataset repo {repo_id} already exists and is public; make "
+                             "it private on the Hub first, or push without --private")
         # delete_patterns: data files of an earlier, larger export would otherwise stay in the repo and match
         # the card's `data/<config>/train-*` globs, duplicating rows.
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
                                  commit_message=commit_message, delete_patterns=["data/*"])
+    except InputError:
+        raise
     except Exception as e:  # the client raises many types (HTTP, value, OS); all mean "the push did not finish"
         reason = _scrub(f"{type(e).__name__}: {e}", token).strip().splitlines()
         hint = rerun_hint or f"prefpipe export RUN_DIR --out {folder} --repo {repo_id}"

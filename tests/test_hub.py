@@ -370,6 +370,9 @@ def test_repush_replaces_stale_data_files(run_dir, tmp_path, online):
         big = export_run(run_dir, tmp_path / "e", ExportConfig(stages=["tree-search"]))
         push_export(big.folder, "me/prefs", token=TOKEN, endpoint=hub.url)
         remote = hub.files("me/prefs")
+        with pytest.raises(InputError, match="me/prefs already exists and is public"):
+            push_export(big.folder, "me/prefs", private=True, token=TOKEN, endpoint=hub.url)
+        assert hub.files("me/prefs") == remote  # nothing was uploaded
     local = {str(p.relative_to(big.folder)): p.read_bytes() for p in big.folder.rglob("*") if p.is_file()}
     assert sorted(remote) == sorted([".gitattributes", *local])
     assert all(remote[k] == v for k, v in local.items())
