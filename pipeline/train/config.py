@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.mode == "sft" and self.data_kind == "lists":
             raise ValueError("mode sft trains on pairs' chosen side or a completion column, not ranked lists")
+        if self.share_prompt and self.attn_implementation == "flash_attention_2":
+            raise ValueError("share_prompt needs a block attention mask, which flash_attention_2 cannot take: "
+                             "use sdpa or eager")
         return self
 
 
