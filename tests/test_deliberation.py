@@ -173,6 +173,20 @@ def test_policies_change_the_fingerprint(tmp_path):
     assert a != b
 
 
+def test_yaml_config_sets_roles_and_templates(tmp_path):
+    from pipeline.stage_cli import load_config
+    f = tmp_path / "c.yaml"
+    f.write_text("agent_roles: [Check safety., Check helpfulness., Check facts.]\n"
+                 "templates:\n  cot_format: 'COT {cot} / {response}'\n")
+    cfg = load_config(SPEC, f, {"max_rounds": 1})
+    assert cfg.agent_roles[2] == "Check facts." and cfg.max_rounds == 1
+    assert cfg.templates_.cot_format == "COT {cot} / {response}"
+    assert cfg.templates()["cot_format"] == "COT {cot} / {response}"
+    f.write_text("templates:\n  nope: x\n")
+    with pytest.raises(InputError, match=r"column 'templates\.nope'"):
+        load_config(SPEC, f, {})
+
+
 # ------------------------------------------------------------------------------------------ the stage
 def test_golden_run_steps_batching_and_outputs():
     out, be = run_direct(prompts(4), World(agree_round=1))
@@ -316,9 +330,41 @@ def test_sigkill_then_rerun_has_no_duplicates(tmp_path):
         assert got.drop_columns(drop).equals(want.drop_columns(drop))
 
 
+# ---------------------------------------------------------------------------------- real backend
+def test_tiny_random_model_end_to_end_counts_every_row(tmp_path):
+    """The real transformers backend on the random tiny Llama: gibberish, but every row ends with a status
+    and every rejection with a category (nothing disappears)."""
+    import torch
+
+    from pipeline.backends import make_backend
+    from pipeline.backends.fixtures import build_tiny_llama
+    torch.set_num_threads(1)
+    be = make_backend("transformers", str(build_tiny_llama(tmp_path / "llama", seed=0)))
+    cfg = D.DeliberationConfig(max_rounds=1, belief_iterations=1, intents_tokens=8, thoughts_tokens=8,
+                               response_tokens=8, belief_tokens=8, max_attempts=1)
+    res = run_stage(SPEC, prompts(2), cfg, be, RunStore(tmp_path / "run"), shard_size=2, progress=False,
+                    fail_threshold=1.0)
+    for output in ("main", "sft"):
+        rep = parse_report(res.read(output))
+        assert rep["rows"] == 2 and sum(rep["status"].values()) == 2
+        assert sum(rep["errors"].values()) == rep["status"].get("filtered", 0)
+
+
 # ---------------------------------------------------------------------------------------- SmolLM2
-SMOL_CFG = dict(max_rounds=2, belief_iterations=1, intents_tokens=32, thoughts_tokens=48, response_tokens=48,
+SMOL_CFG = dict(max_rounds=2, belief_iterations=1, intents_tokens=24, thoughts_tokens=40, response_tokens=40,
                 belief_tokens=24, revise_each_round=False)
+
+
+def keep_report(name: str, rep: dict, tables: dict[str, pa.Table]) -> None:
+    """Copy a slow measurement's report and tables to $PREFPIPE_SLOW_REPORT_DIR when it is set."""
+    import pyarrow.parquet as pq
+    out = os.environ.get("PREFPIPE_SLOW_REPORT_DIR")
+    if not out:
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"{name}.json").write_text(json.dumps(rep, indent=1))
+    for k, t in tables.items():
+        pq.write_table(t, Path(out) / f"{name}-{k}.parquet")
 
 
 @pytest.mark.slow
@@ -344,6 +390,6 @@ def test_smollm2_deliberation_parse_rate(tmp_path):
                                     for f in ("values", "counts")]))}
     rep["parsed_rate"] = rep["sft"]["ok_rate"]
     print("SMOLLM2 DELIBERATION", json.dumps(rep))
-    (tmp_path / "report.json").write_text(json.dumps(rep))
+    keep_report("deliberation", rep, {"pairs": pairs, "sft": sft})
     assert rep["sft"]["rows"] == 20
     assert rep["parsed_rate"] >= 0.9, rep

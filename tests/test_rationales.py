@@ -394,6 +394,7 @@ def test_smollm2_rationale_parse_rate(tmp_path):
     rep["attempts"] = res.read().column("rationale_attempts").to_pylist()
     rep["seconds"] = round(time.time() - t0, 1)
     print("SMOLLM2 RATIONALES", json.dumps(rep))
-    (tmp_path / "report.json").write_text(json.dumps(rep))
+    from tests.test_deliberation import keep_report
+    keep_report("rationales", rep, {"pairs": res.read()})
     assert rep["rows"] == 20
     assert rep["ok_rate"] >= 0.9, rep
