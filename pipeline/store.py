@@ -45,19 +45,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_replace(path: Path, write) -> None:
+    """`write(tmp_path)` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder.
+    A crash at any point leaves either the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _dictionary_columns(table: pa.Table, sample: int = 2048) -> list[str]:
@@ -79,18 +85,8 @@ def _dictionary_columns(table: pa.Table, sample: int = 2048) -> list[str]:
 
 
 def atomic_write_table(path: Path, table: pa.Table, *, compression: str = "zstd") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression=compression, use_dictionary=_dictionary_columns(table))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_replace(path, lambda tmp: pq.write_table(table, tmp, compression=compression,
+                                                     use_dictionary=_dictionary_columns(table)))
 
 
 def input_digest(ids: list[str]) -> str:
