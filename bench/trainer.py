@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="only ours (defaults) vs TRL (no checkpointing)")
+    ap.add_argument("--variants", type=int, nargs="+", help="indices into VARIANTS to run (default: all)")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -192,7 +193,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as work:
         model, data = make_inputs(Path(work), args.pairs)
-        runs = VARIANTS[:1] + VARIANTS[3:4] if args.quick else VARIANTS
+        runs = [VARIANTS[i] for i in args.variants] if args.variants else \
+            (VARIANTS[:1] + VARIANTS[3:4] if args.quick else VARIANTS)
         results = []
         for side, opts in runs:
             results.append(spawn(side, args, model, data, opts))

@@ -269,12 +269,13 @@ def test_cli_train_from_yaml_and_options(setup, tmp_path, monkeypatch, capsys):
     cfg.write_text(f"model: {model_dir}\ndata: {path}\noutput_dir: {tmp_path / 'run'}\nmicro_batch: 4\n"
                    f"loss: {{beta: 0.2}}\nref_cache_dir: {tmp_path / 'rc'}\n")
     code, out = _run_cli(["train", str(cfg), "--max-steps", "2", "--rpo-alpha", "1.0", "--no-progress",
-                          "--device", "cpu"], monkeypatch, capsys)
+                          "--device", "cpu", "--share-prompt", "--loss-type", "sigmoid,apo_zero"], monkeypatch, capsys)
     assert code == 0, out.err
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["reference_cache_reused"] is False
     saved = json.loads((tmp_path / "run" / "train_summary.json").read_text())["config"]
     assert saved["loss"]["beta"] == 0.2 and saved["loss"]["rpo_alpha"] == 1.0 and saved["max_steps"] == 2
+    assert saved["share_prompt"] is True and saved["loss"]["loss_type"] == ["sigmoid", "apo_zero"]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 

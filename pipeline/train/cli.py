@@ -17,6 +17,8 @@ def _overrides(**opts) -> dict:
     for key, value in opts.items():
         if value is None:
             continue
+        if key == "loss_type" and "," in value:
+            value = [t.strip() for t in value.split(",") if t.strip()]
         if key in nested:
             section, field = nested[key]
             out.setdefault(section, {})[field] = value
@@ -33,7 +35,8 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, help="pair / ranked-list table (.parquet, folder, .jsonl)"),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o"),
         mode: Optional[str] = typer.Option(None, help="preference | sft"),
-        loss_type: Optional[str] = typer.Option(None, help="pairwise loss, e.g. sigmoid, ipo, apo_zero"),
+        loss_type: Optional[str] = typer.Option(
+            None, help="pairwise loss, e.g. sigmoid, ipo, apo_zero; several as sigmoid,sft"),
         beta: Optional[float] = typer.Option(None),
         rpo_alpha: Optional[float] = typer.Option(None, help="add alpha * NLL(chosen) (RPO)"),
         lr: Optional[float] = typer.Option(None),
@@ -43,6 +46,10 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
         grad_accum: Optional[int] = typer.Option(None),
         max_length: Optional[int] = typer.Option(None),
         prefix_as_prompt: Optional[bool] = typer.Option(None, "--prefix-as-prompt/--no-prefix-as-prompt"),
+        share_prompt: Optional[bool] = typer.Option(None, "--share-prompt/--no-share-prompt",
+                                                    help="run the prompt once per pair (block attention mask)"),
+        gradient_checkpointing: Optional[bool] = typer.Option(
+            None, "--gradient-checkpointing/--no-gradient-checkpointing"),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
         seed: Optional[int] = typer.Option(None),
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
@@ -57,7 +64,7 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
             model=model, data=data, output_dir=output_dir, mode=mode, loss_type=loss_type, beta=beta,
             rpo_alpha=rpo_alpha, lr=lr, epochs=epochs, max_steps=max_steps, micro_batch=micro_batch,
             grad_accum=grad_accum, max_length=max_length, prefix_as_prompt=prefix_as_prompt, device=device,
-            seed=seed, progress=progress))
+            seed=seed, progress=progress, share_prompt=share_prompt, gradient_checkpointing=gradient_checkpointing))
         result = Trainer(cfg).train()
         last = result.history[-1] if result.history else {}
         shown = {k: last[k] for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
