@@ -96,6 +96,51 @@ def run_direct(pairs: pa.Table, backend, **cfg) -> pa.Table:
     return validate(R.run(validate(pairs, "pairs"), R.RationaleConfig(**cfg), backend, ctx())["main"], "pairs")
 
 
+# ------------------------------------------------------------------------------------- _judge helpers
+@pytest.mark.parametrize("text,want", [
+    ("Response B is better because it gives a clear and concise explanation.", {"A": 0, "B": 1}),
+    ("Response A is better because it is not confusing.", {"A": 1, "B": 0}),   # negation in the reason
+    ("Response A is better than Response B.", {"A": 1, "B": -1}),
+    ("Response B is worse than response A.", {"A": 1, "B": -1}),
+    ("In contrast, Response A only provides a single tip.", {"A": -1, "B": 0}),
+    ("Response B isn't helpful.", {"A": 0, "B": -1}),
+    ("A is the better answer. B is wrong.", {"A": 1, "B": -1}),
+    ("A good answer is better. The answer is 21.", {"A": 0, "B": 0}),       # an article is not a label
+    ("Response A is precise, while response B is concise.", {"A": 0, "B": 0}),   # two labels, no "than"
+])
+def test_stance_scores(text, want):
+    from stages._judge import stance_scores
+    assert stance_scores(text) == want
+
+
+def test_text_helpers():
+    from stages._judge import (dedupe_repeats, is_refusal, ngram_copy_ratio, parse_bullets, parse_choice,
+                               parse_score, parse_yes_no)
+    assert dedupe_repeats("Dress Smart:\n\nDress Smart:\n\nDress Smart:") == ("Dress Smart:", 2)
+    assert dedupe_repeats("It is good. It is good. Also fast.") == ("It is good. Also fast.", 1)
+    assert parse_bullets("- one thing here\n2. second item ok\n- one thing here\nx\n(3) third one") == \
+        ["one thing here", "second item ok", "third one"]
+    assert ngram_copy_ratio("a b c d e", ["x a b c d y"]) == 0.5     # 1 of the 2 4-grams is copied
+    assert ngram_copy_ratio("a b", ["a b"]) == 0.0                   # no 4-gram at all
+    assert is_refusal("I'm sorry, but I can't do that.") and not is_refusal("Sorry to hear that; here is how.")
+    assert parse_yes_no(" Yes, it does.").value is True and parse_yes_no("no.").value is False
+    assert parse_yes_no("maybe").error == "unparsable: expected yes or no, got 'maybe'"
+    assert parse_choice("(b) because", ["A", "B"]).value == "B"
+    assert parse_score("Score: 3 ... final Score: 7").value == 7.0
+    assert parse_score("Score: 11").error == "out_of_range: score 11 outside 1..10"
+
+
+def test_yes_probability_is_a_two_way_softmax_in_one_call():
+    import math
+
+    from stages._judge import yes_probability
+    be = ScriptedBackend(None, score=lambda p, c: {"Yes": -1.0, "No": -1.0 - math.log(3)}[c] if "q1" in p
+                         else {"Yes": -5.0, "No": -0.5}[c])
+    got = yes_probability(be, ["q1", "q2"])
+    assert be.calls == [("logprobs", 4)]
+    assert got[0] == pytest.approx(0.75) and got[1] == pytest.approx(1 / (1 + math.exp(4.5)))
+
+
 # ------------------------------------------------------------------------------------------- golden
 def test_golden_rows_order_lead_and_training_prompt():
     be = ScriptedBackend(good_reply)
@@ -375,6 +420,7 @@ def smollm2_pairs(backend, n: int) -> pa.Table:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_smollm2_rationale_parse_rate(tmp_path):
     """Parse rate of rationales written by SmolLM2-135M-Instruct for 20 pairs (goal >= 90 %); prints the
     report (run with -s to see it)."""
