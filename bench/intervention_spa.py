@@ -42,9 +42,11 @@ def intervention(args, problems) -> dict:
     rows = problems_to_table(problems[:args.n_intervention])
     backend = make_backend("transformers", args.policy, batch_size=args.batch_size)
     cfg = InterventionConfig(n_samples=args.k, keep_unverified=True, max_tokens=args.max_tokens,
-                             continue_max_tokens=args.max_tokens, seed=args.seed)
+                             continue_max_tokens=args.max_tokens, seed=args.seed,
+                             n_continuations=args.n_continuations, continue_temperature=args.continue_temperature)
     t0 = time.time()
-    res = run_stage(get_stage("intervention"), rows, cfg, backend, RunStore(args.out / "intervention"),
+    res = run_stage(get_stage("intervention"), rows, cfg, backend,
+                    RunStore(args.out / f"intervention-c{args.n_continuations}"),
                     shard_size=64, progress=False, overwrite=True)
     out = res.read()
     ok = out.filter(pc.equal(out["status"], "ok"))
@@ -114,6 +116,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256, help="sequences per backend forward")
     ap.add_argument("--k", type=int, default=4, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=1.0, help="self-label sampling temperature")
+    ap.add_argument("--n-continuations", type=int, default=1, help="intervention: continuations per prefix")
+    ap.add_argument("--continue-temperature", type=float, default=0.0, help="intervention: 0 = greedy")
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--lr", type=float, default=1e-5, help="π_0 DPO learning rate")
     ap.add_argument("--epochs", type=float, default=2.0, help="π_0 DPO epochs")

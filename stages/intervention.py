@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 
 import pyarrow as pa
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
@@ -82,6 +82,8 @@ class InterventionConfig(StageConfig):
     continue_temperature: float = Field(0.0, ge=0, description="temperature of the regenerated continuation "
                                                                "(0 = greedy)")
     continue_max_tokens: int = Field(256, ge=1, description="new tokens per continuation")
+    n_continuations: int = Field(1, ge=1, description="math: continuations sampled per corrected prefix; the "
+                                                      "first that verifies is kept (needs continue_temperature > 0)")
     rejected_keep_remainder: bool = Field(
         False, description="math: rejected = the whole original text instead of prefix + the wrong line alone")
     keep_unverified: bool = Field(False, description="math: keep pairs whose corrected chosen does not verify")
@@ -93,6 +95,12 @@ class InterventionConfig(StageConfig):
                                                                  "relative paths are from the repo root")
     judge_template: str = Field(DETECT_TEMPLATE, description="detector prompt: {what}, {units}, {question}")
     judge_max_tokens: int = Field(16, ge=1, description="detector reply tokens")
+
+    @model_validator(mode="after")
+    def _check(self) -> "InterventionConfig":
+        if self.n_continuations > 1 and self.continue_temperature == 0:
+            raise ValueError("n_continuations > 1 needs continue_temperature > 0 (greedy samples are identical)")
+        return self
 
     def resolved_detector(self) -> str:
         if self.detector == "auto":
@@ -318,9 +326,10 @@ def _run_math(records: list[dict], problems: list, cfg: InterventionConfig, back
     todo = [t for t in trajs if t.reason is None and t.chosen is None]
     if todo:
         conts = backend.continue_([records[t.row]["prompt"] for t in todo], [t.assistant_prefix for t in todo],
-                                  cfg.continue_params(ctx.seed + 1), n=1)
-        for t, c in zip(todo, conts):
-            t.chosen = t.assistant_prefix + c[0].text
+                                  cfg.continue_params(ctx.seed + 1), n=cfg.n_continuations)
+        for t, comps in zip(todo, conts):
+            texts = [t.assistant_prefix + c.text for c in comps]
+            t.chosen = next((x for x in texts if verify_steps(x, problems[t.row])), texts[0])
     for t in trajs:
         if t.reason is None:
             t.n_interventions = 1

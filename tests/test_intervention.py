@@ -136,6 +136,23 @@ def test_rejected_keeps_the_remainder_when_asked_and_unverified_pairs_can_be_kep
     assert [r["chosen_score"] for r in ok] == [1.0, 1.0, 0.0, 1.0]
 
 
+def test_first_verified_of_several_continuations_is_kept(tmp_path):
+    probs, rows = task(1)
+
+    class Flaky(FakeSolver):   # the first continuation of every prefix is wrong, the second right
+        def continue_(self, prompts, prefixes, sampling=None, n=None):
+            good = super().continue_(prompts, prefixes, sampling, n)
+            return [[_c(g[0].text.replace("Answer: ", "Answer: 9")), g[0]][:n] for g in good]
+
+    _, one = _run(rows, Flaky(probs), tmp_path, "a", keep_unverified=True)
+    _, two = _run(rows, Flaky(probs), tmp_path, "b", keep_unverified=True, n_continuations=2,
+                  continue_temperature=1.0)
+    step2 = lambda t: [r["chosen_verified"] for r in t.to_pylist() if r["wrong_step"] == 2 and r["status"] == "ok"]
+    assert step2(one) == [False] and step2(two) == [True]
+    with pytest.raises(Exception, match="needs continue_temperature"):
+        InterventionConfig(n_continuations=2)
+
+
 def test_judge_detector_in_math_mode(tmp_path):
     probs, rows = task(2)
     solver = FakeSolver(probs)
@@ -181,7 +198,7 @@ class FakeLRM:
                             for s in range(n)])
             else:
                 out.append([_c("<think>The user asks about locks. Sure, here is how to pick it. Use a pin."
-                               "</think>Here is how: use a pin.") for _ in range(n)])
+                               f"</think>Here is how: use pin {s}.") for s in range(n)])
         return out
 
     def continue_(self, prompts, prefixes, sampling=None, n=None):
@@ -205,10 +222,10 @@ def test_safety_trigger_pairs(tmp_path):
     triggers = dict(pats.triggers)
     inter = [r for r in ok if r["pair_kind"] == "intervention"]
     assert len(inter) == 4 and {r["prompt_id"] for r in inter} == {"h1", "h2"}
-    orig = "<think>The user asks about locks. Sure, here is how to pick it. Use a pin.</think>Here is how: use a pin."
+    orig = "<think>The user asks about locks. Sure, here is how to pick it. Use a pin.</think>Here is how: use pin {}."
     for r in inter:
         prefix = "<think>The user asks about locks. "
-        assert r["rejected"] == orig and r["shared_prefix"] == prefix and r["divergence_char"] == len(prefix)
+        assert r["rejected"] == orig.format(r["sample_index"]) and r["shared_prefix"] == prefix and r["divergence_char"] == len(prefix)
         assert r["compliance_cue"] == "Sure, here is how to pick it."
         assert r["trigger_text"] == triggers[r["trigger_id"].split("+")[0]]
         assert r["chosen"].startswith(prefix + r["trigger_text"] + " ")
