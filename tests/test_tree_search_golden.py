@@ -109,3 +109,22 @@ def test_a_tree_stored_twice_gives_each_pair_once():
     assert a.num_rows == 5
     assert a.column("pair_id").to_pylist() == b.column("pair_id").to_pylist()
     assert len(set(a.column("pair_id").to_pylist())) == a.num_rows
+
+
+def test_a_right_answer_after_a_wrong_step_is_never_a_terminal_side():
+    """"Answer: 36" under the wrong step 0.2.1 has the gold answer but a wrong step: not right (steps), and not
+    wrong either (its answer is right), so it joins no terminal pair; it still ranks low in the list."""
+    g = json.loads((GOLDEN / "tree_search_tree.json").read_text())
+    g["nodes"].append({"node_id": "0.2.1.1", "parent_id": "0.2.1", "depth": 3, "step_text": "Answer: 36",
+                       "is_terminal": True, "visits": 1, "value_sum": -1.0, "reward": -1.0, "correct": False,
+                       "rollout_success": None, "answer": "36"})
+    row = {"tree_id": g["tree_id"], "prompt_id": g["prompt_id"], "prompt": g["prompt"], "method": g["method"],
+           "nodes": [{"prior": 1.0, "q_value": n["value_sum"] / n["visits"], **n} for n in g["nodes"]],
+           "generator_model": "hand-built", "extra": json.dumps(g["extra"]), "row_key": "golden-row",
+           "status": "ok", "error": None}
+    pairs, lists = mine(trees_to_table([row]), MiningConfig())
+    assert as_tuples(pairs) == _sorted(expected()["default"]["pairs"])
+    lst = lists.to_pylist()[0]
+    # equal scores keep the tree's node order (0.3 was made before 0.2.1.1)
+    assert lst["responses"][-2:] == ["Answer: 12", "Step 1: 10 + 2 = 13\nStep 2: 13 * 3 = 39\nAnswer: 36"]
+    assert lst["scores"][-2:] == [0.0, 0.0]

@@ -66,7 +66,9 @@ class MiningConfig(BaseModel):
     min_visits: int = Field(1, ge=0, description="PRISM: a non-terminal sibling needs this many visits")
     max_gb_ratio: int = Field(4, ge=1, description="PRISM: most times the shorter terminal list is tiled")
     value_gap_alpha: float = Field(0.375, ge=0, description="Tree-PLV: min success-rate gap of a step pair")
-    step_min_margin: float = Field(0.0, ge=0, description="first_wrong_step: min score gap (0: any)")
+    step_min_margin: float = Field(0.375, ge=0, description=(
+        "first_wrong_step: min gap of the [0, 1] scores (rollout shares); stages.md §1.8 targets validity >= 0.9 "
+        "at Tree-PLV's alpha = 0.375. 0 keeps every verified pair (the step verifier alone decides)"))
     tie_policy: Literal["drop", "keep"] = Field(
         "drop", description="a pair (or list) whose chosen and rejected scores are equal: drop or keep")
     require_verified: bool = Field(True, description="with a gold answer / step verifier: chosen must verify "

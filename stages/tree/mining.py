@@ -10,7 +10,8 @@ prefix + ONE step line, never the rest of a sample):
 - prism_sibling: PRISM's ordered pairs with Q_i - Q_j > v_threshold and Q_i >= good_value_threshold among
   children that are terminal or visited >= min_visits.
 - value_gap: Tree-PLV, R(chosen) - R(rejected) >= alpha on the [0, 1] success scale.
-Terminal pairs: PRISM's terminal mode (right: reward >= good; wrong: reward <= good - v_threshold, on [-1, 1]),
+Terminal pairs: PRISM's terminal mode (right: reward >= good; wrong: reward <= good - v_threshold, on [-1, 1];
+with `require_verified`, right also needs the gold answer and every step right, wrong needs a wrong answer),
 shuffled, the shorter side tiled min(floor(long/short) + 1, max_gb_ratio) times, zipped.
 Lists: the distinct terminal responses ranked by a verifier-graded score (share of the solution that is right
 before the first wrong step; answer check or node value without a step verifier).
@@ -186,11 +187,16 @@ class _Miner:
         good, v = self.cfg.good_value_threshold, self.cfg.v_threshold
         right, wrong = [], []
         for n in self.terminals():
-            ok = self.answer_ok(n) if self.cfg.require_verified else None
             r = to_pm1(n, self.method)
+            if not self.cfg.require_verified:
+                ok = wrong_answer = None
+            else:  # right: right answer AND (with a step verifier) every step right; wrong: a wrong answer.
+                ok = self.answer_ok(n)  # a right answer reached through a wrong step is neither: never paired
+                answer = self.task.answer_correct(self.tree.response(n))
+                wrong_answer = None if answer is None else not answer
             if r >= good and ok is not False:
                 right.append(n)
-            elif r <= good - v and ok is not True:
+            elif r <= good - v and wrong_answer is not False:
                 wrong.append(n)
         if not right or not wrong:
             return []
