@@ -82,7 +82,11 @@ def spa(args, problems) -> dict:
     label_problems = problems[args.n_intervention + args.n_seed:args.n_intervention + args.n_seed + args.n_label]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    n_seed = seed_pairs(args, seed_problems, args.out / "seed.parquet")
+    if args.seed_pairs is not None:   # reuse the seed pairs of an earlier run (same policy and problems)
+        pq.write_table(pq.read_table(args.seed_pairs), args.out / "seed.parquet")
+        n_seed = pq.read_metadata(args.out / "seed.parquet").num_rows
+    else:
+        n_seed = seed_pairs(args, seed_problems, args.out / "seed.parquet")
     tcfg = parse_config({"model": args.policy, "data": str(args.out / "seed.parquet"),
                          "output_dir": str(args.out / "pi0"), "lr": args.lr, "epochs": args.epochs,
                          "micro_batch": 8, "loss": {"beta": args.beta}, "progress": False, "threads": args.threads})
@@ -112,6 +116,7 @@ def main() -> None:
     ap.add_argument("--n-intervention", type=int, default=60, help="problems for the intervention check")
     ap.add_argument("--n-seed", type=int, default=200, help="seed problems for π_0's DPO")
     ap.add_argument("--n-label", type=int, default=200, help="problems to self-label")
+    ap.add_argument("--seed-pairs", type=Path, default=None, help="reuse this seed.parquet of an earlier run")
     ap.add_argument("--n-round0", type=int, default=20, help="problems for the round-0 (π = SFT) labels")
     ap.add_argument("--batch-size", type=int, default=256, help="sequences per backend forward")
     ap.add_argument("--k", type=int, default=4, help="samples per problem")
