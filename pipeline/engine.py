@@ -65,8 +65,13 @@ def _progress(total: int, description: str, enabled: bool):
 def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | None, store: RunStore, *,
               shard_size: int = 64, fail_threshold: float = 0.01, overwrite: bool = False,
               input_file: str | None = None, progress: bool = True, on_shard=None,
-              folder: str | None = None) -> StageResult:
-    """Run `spec` over `rows` into `store/<folder or spec.name>`; resumable; returns the folder and a summary."""
+              folder: str | None = None, runner=None) -> StageResult:
+    """Run `spec` over `rows` into `store/<folder or spec.name>`; resumable; returns the folder and a summary.
+
+    `runner(spec, cfg, work)` may compute the pending shards elsewhere (e.g. Ray actors,
+    pipeline/distributed/ray_runner.py): `work` is a list of (index, rows, ctx); it yields (index, outputs) in
+    any order. This process stays the only writer, so the manifest never races.
+    """
     if shard_size < 1:
         raise InputError(f"shard_size must be >= 1, got {shard_size}")
     if spec.needs_backend and backend is None:
@@ -85,6 +90,7 @@ def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | 
     n_shards = (rows.num_rows + shard_size - 1) // shard_size
     bar = _progress(rows.num_rows, spec.name, progress)
     try:
+        work = []
         for index in range(n_shards):
             lo, hi = index * shard_size, min(rows.num_rows, (index + 1) * shard_size)
             done = manifest["shards"].get(str(index))
@@ -96,7 +102,11 @@ def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | 
                 continue
             ctx = StageContext(fingerprint=fp, shard_index=index, seed=derive_seed(cfg.seed, fp, index),
                                model_id=getattr(backend, "model_id", None))
-            outputs = spec.run(rows.slice(lo, hi - lo), cfg, backend, ctx)
+            work.append((index, rows.slice(lo, hi - lo), ctx))
+        results = (runner(spec, cfg, work) if runner is not None else
+                   ((i, spec.run(part, cfg, backend, ctx)) for i, part, ctx in work))  # lazy: one shard at a time
+        for index, outputs in results:
+            lo, hi = index * shard_size, min(rows.num_rows, (index + 1) * shard_size)
             missing = set(spec.outputs) - set(outputs)
             if missing:
                 raise PrefpipeError(f"stage '{spec.name}' returned no output {sorted(missing)}")

@@ -72,7 +72,7 @@ def make_stage_command(spec: StageSpec):
         common = {k: kwargs.pop(k) for k in list(kwargs) if k in _COMMON}
         cfg = load_config(spec, common["config"], kwargs)
         backend = None
-        if spec.needs_backend:
+        if spec.needs_backend and not (common["ray"] and not common["print_fingerprint"]):  # Ray: one per actor
             from pipeline.backends import make_backend
             backend = make_backend(common["backend"], common["model"], base_url=common["base_url"])
         try:
@@ -81,7 +81,12 @@ def make_stage_command(spec: StageSpec):
                 typer.echo(json.dumps({"fingerprint": fp, "inputs": inputs}, indent=1, sort_keys=True))
                 return
             rows = read_input(common["input"], spec.input_kind)
-            res = run_stage(spec, rows, cfg, backend, RunStore(common["run_dir"]),
+            run = run_stage
+            if common["ray"]:
+                from pipeline.distributed.ray_runner import ray_stage_runner
+                run = ray_stage_runner(common["ray"], common["replicas"], common["backend"], common["model"],
+                                       base_url=common["base_url"])
+            res = run(spec, rows, cfg, backend, RunStore(common["run_dir"]),
                             shard_size=common["shard_size"], fail_threshold=common["fail_threshold"],
                             overwrite=common["overwrite"], input_file=str(common["input"]))
         finally:
@@ -111,6 +116,11 @@ def make_stage_command(spec: StageSpec):
                           default=typer.Option(False, help="Discard an existing stage folder of another config.")),
         inspect.Parameter("print_fingerprint", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, help="Print what goes into the fingerprint and exit.")),
+        inspect.Parameter("ray", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, help="Compute shards on Ray actors: 'local' or a cluster address (ray.init); the run store "
+                       "merges them.")),
+        inspect.Parameter("replicas", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
+            2, help="With --ray: actors, one backend replica each (1 GPU each when the cluster has GPUs).")),
     ]
     command.__signature__ = inspect.Signature(common_params + field_params)
     command.__doc__ = spec.help or f"Run the {spec.name} stage."
@@ -118,7 +128,7 @@ def make_stage_command(spec: StageSpec):
 
 
 _COMMON = {"input", "run_dir", "config", "model", "backend", "base_url", "shard_size", "fail_threshold",
-           "overwrite", "print_fingerprint"}
+           "overwrite", "print_fingerprint", "ray", "replicas"}
 
 
 def register_stage_commands(stage_app: typer.Typer, specs: list[StageSpec]) -> None:

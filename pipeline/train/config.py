@@ -66,6 +66,13 @@ class TrainConfig(BaseModel):
     progress: bool = Field(True, description="show a progress bar")
     trust_remote_code: bool = Field(False, description="allow model code from the model folder")
 
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="data parallel under torchrun: ddp, or fsdp (FSDP2, sharded params/grads/optimizer); "
+        "auto = ddp when WORLD_SIZE > 1, else one process. The global batch stays micro_batch x grad_accum")
+    resume_from: str | None = Field(
+        None, description="continue from a checkpoint-<step> folder (weights, optimizer, step), or 'latest' in "
+        "output_dir; the other fields must match the run that wrote it")
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.mode == "sft" and self.data_kind == "lists":

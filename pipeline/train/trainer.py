@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputError
-from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.collate import Batch, collate
 from pipeline.train.data import Encoded, encode_lists, encode_pairs, encode_sft, pad_id_of, read_table
@@ -92,6 +91,16 @@ class Trainer:
 
     `model`/`tokenizer`/`ref_model` may be passed in (tests, notebooks); otherwise they load from cfg paths.
     """
+
+    is_main = True  # the process that writes files (rank 0 under torchrun)
+
+    def __new__(cls, cfg: TrainConfig | None = None, *args, **kwargs):
+        # Under torchrun (or `distributed: ddp|fsdp`) the same call builds the data-parallel trainer.
+        if cls is Trainer and cfg is not None:
+            from pipeline.distributed.ddp import DistributedTrainer, distributed_mode
+            if distributed_mode(cfg) != "none":
+                cls = DistributedTrainer
+        return super().__new__(cls)
 
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, ref_model=None):
         self.cfg = cfg
@@ -183,7 +192,7 @@ class Trainer:
         global-batch loss."""
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                             enabled=self.autocast is not None):
-            out = row_logps(self.model, batch, chunk_tokens=self.cfg.head_chunk_tokens)
+            out = self.logps(batch)
         pol, tok = batch.scatter(out.logps), batch.scatter(out.tokens.float())
         ref = self._group_tensor(batch, self.ref) if self.ref is not None else None
         if self.kind == "sft":
@@ -262,7 +271,7 @@ class Trainer:
         metrics = self.accumulate(groups)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = self.clip_grad_norm(params, max_norm)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()
@@ -296,8 +305,12 @@ class Trainer:
                              ref_forwards=self.ref_info.get("forwards", 0))
         per_epoch = math.ceil(len(self.data) / (cfg.micro_batch * cfg.grad_accum))
         bar = _progress(len(schedule), cfg.progress)
-        with open(out / "metrics.jsonl", "w") as metrics_file:
+        start = self.resume(optimizer)  # 0, or the step of the checkpoint in cfg.resume_from
+        with open(out / "metrics.jsonl", "a" if start else "w") if self.is_main else open(os.devnull, "w") \
+                as metrics_file:
             for i, groups in enumerate(schedule):
+                if i < start:
+                    continue
                 t0 = time.perf_counter()
                 m = self.step(groups, optimizer, lr_at(i, cfg, len(schedule)))
                 dt = time.perf_counter() - t0
@@ -311,16 +324,35 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('rewards/accuracies', 0):.2f}")
                 if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < len(schedule):
-                    save_checkpoint(self.model, self.tokenizer, out / f"checkpoint-{i + 1}", self._state(i + 1, m))
+                    self.save(out / f"checkpoint-{i + 1}", self._state(i + 1, m), optimizer)
         if bar is not None:
             bar.close()
         if cfg.save_final:
-            save_checkpoint(self.model, self.tokenizer, out / "final", self._state(len(schedule), result.history[-1]))
+            self.save(out / "final", self._state(len(schedule), result.history[-1]))
         summary = {"config": cfg.model_dump(mode="json"), "kind": self.kind, "groups": len(self.data),
                    "encode": self.data.stats.as_dict(), "reference": self.ref_info, "steps": len(schedule),
                    "last": result.history[-1] if result.history else None}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        if self.is_main:
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return result
+
+    # Hooks the data-parallel trainer (pipeline/distributed/ddp.py) overrides.
+    def logps(self, batch: Batch):
+        return row_logps(self.model, batch, chunk_tokens=self.cfg.head_chunk_tokens)
+
+    def clip_grad_norm(self, params, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def save(self, folder: Path, state: dict, optimizer=None) -> None:
+        """Model + tokenizer + state; with the optimizer, a checkpoint that `resume_from` continues."""
+        from pipeline.distributed.checkpoint import save_training_checkpoint
+        save_training_checkpoint(self, folder, state, optimizer)
+
+    def resume(self, optimizer) -> int:
+        if not self.cfg.resume_from:
+            return 0
+        from pipeline.distributed.checkpoint import load_training_checkpoint
+        return load_training_checkpoint(self, self.cfg.resume_from, optimizer)
 
     def _state(self, step: int, last: dict) -> dict:
         return {"step": step, "config": self.cfg.model_dump(mode="json"), "last_metrics": last}
