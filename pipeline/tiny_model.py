@@ -60,6 +60,19 @@ def build_tokenizer():
     return fast
 
 
+def save_tokenizer(tokenizer, folder) -> None:
+    """save_pretrained, naming the class PreTrainedTokenizerFast: transformers 5 writes its new generic name
+    (TokenizersBackend), which transformers 4.x and tools pinned to it cannot resolve; 5.x accepts both."""
+    import json
+    from pathlib import Path
+
+    tokenizer.save_pretrained(folder)
+    cfg_file = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def build_model(config: TinyModelConfig | None = None, tokenizer=None, seed: int = 0):
     """A freshly initialised LlamaForCausalLM sized by `config`, vocabulary and special ids from the tokenizer."""
     import torch

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field  # noqa: E402
 
 from pipeline.tasks.arith import TaskConfig, make_split  # noqa: E402
 from pipeline.tasks.verify import verify_answer  # noqa: E402
-from pipeline.tiny_model import TinyModelConfig, build_model, build_tokenizer  # noqa: E402
+from pipeline.tiny_model import TinyModelConfig, build_model, build_tokenizer, save_tokenizer  # noqa: E402
 from pipeline.train.sft import SFTConfig, greedy_accuracy, train_sft  # noqa: E402
 
 
@@ -37,6 +37,8 @@ class TrainTinyConfig(BaseModel):
     n_train: int = Field(40_000, description="distinct training problems")
     final_eval_n: int = Field(1000, description="eval problems for the reported accuracy")
     threads: int = Field(1, description="torch threads")
+    init_from: str | None = Field(None, description="start from the weights in this model folder (a checkpoint of "
+                                  "an earlier phase) instead of a fresh init")
     model: TinyModelConfig = Field(default_factory=TinyModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
 
@@ -84,7 +86,11 @@ def main() -> None:
         train = make_split(train_task, "train", cfg.n_train)
         train_eval = make_split(train_task, "eval", cfg.sft.eval_n)
         tok = build_tokenizer()
-        model = build_model(cfg.model, tok, seed=cfg.sft.seed)
+        if cfg.init_from:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(cfg.init_from)
+        else:
+            model = build_model(cfg.model, tok, seed=cfg.sft.seed)
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {len(train)} train problems; "
               f"train task {train_task.model_dump_json()}", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -92,15 +98,15 @@ def main() -> None:
 
         def save_checkpoint(step: int) -> None:  # so a run cut short still leaves its latest model
             model.save_pretrained(ckpt)
-            tok.save_pretrained(ckpt)
+            save_tokenizer(tok, ckpt)
 
         history = train_sft(model, tok, train, train_eval, cfg.sft, log=lambda s: print(s, flush=True),
                             on_eval=save_checkpoint)
         command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/train_tiny_policy.py"] + sys.argv[1:])
-        record = {"command": command, "train_wall_s": time.time() - t0, "history": history,
+        record = {"command": command, "init_from": cfg.init_from, "train_wall_s": time.time() - t0, "history": history,
                   "train_task": train_task.model_dump()}
         model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
+        save_tokenizer(tok, args.out)
         shutil.rmtree(ckpt, ignore_errors=True)
 
     final = greedy_accuracy(model, tok, eval_problems)
@@ -116,6 +122,9 @@ def main() -> None:
           f"{final['by_steps']}; first 200: {record['final_first_200']['accuracy']:.3f}", flush=True)
     history_file.write_text(json.dumps(record, indent=1))
     write_training_md(args.out, cfg, record)
+
+
+NOTES_MARK = "<!-- notes below this line are kept when the script rewrites this file -->"
 
 
 def write_training_md(out: Path, cfg: TrainTinyConfig, record: dict) -> None:
@@ -155,8 +164,13 @@ Greedy accuracy during training (first {cfg.sft.eval_n} eval problems of the tra
 {curve}
 
 Settings: `train_config.yaml` next to this file; losses and evals: `history.json`.
+
+{NOTES_MARK}
 """
-    (out / "TRAINING.md").write_text(text)
+    md = out / "TRAINING.md"
+    old = md.read_text() if md.exists() else ""
+    notes = old.split(NOTES_MARK, 1)[1].lstrip("\n") if NOTES_MARK in old else ""
+    md.write_text(text + notes)  # hand-written notes below the marker survive a rerun
 
 
 if __name__ == "__main__":
