@@ -80,7 +80,7 @@ class TrainArm(_Strict):
 class EvalStep(_Strict):
     task: TaskInput = Field(default_factory=lambda: TaskInput(split="eval", n=1000))
     batch_size: int = Field(64, ge=1)
-    max_tokens: int = Field(96, ge=1)
+    max_tokens: int = Field(192, ge=1, description="new tokens per eval answer")
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples for Δ intervals")
 
 

@@ -242,3 +242,18 @@ def test_trl_conversational_format_gives_the_same_ids():
     v = tok.get_vocab()
     p = encode_pairs(with_system, tok, TokenizeConfig()).prompts[0]
     assert p[:2] == [v["<s>"], v["<|system|>"]] and p[-4:] == [v["<|user|>"], v["q"], v["\n"], v["<|assistant|>"]]
+
+
+def test_non_terminal_completions_get_no_eos():
+    """Tree step pairs continue after the scored line: EOS there would teach the model to stop after one step."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "data", "tiny-policy"))
+    t = pa.table({"prompt": ["q", "q"], "chosen": ["P\nStep 2: a", "full\nAnswer: 3"],
+                  "rejected": ["P\nStep 2: b", "full\nAnswer: 4"], "shared_prefix": ["P\n", ""],
+                  "chosen_is_terminal": [False, True], "rejected_is_terminal": [False, True]})
+    enc = encode_pairs(t, tok, TokenizeConfig(prefix_as_prompt=True))
+    eos = tok.eos_token_id
+    assert [c[-1] == eos for group in enc.completions for c in group] == [False, False, True, True]
+    assert tok.decode(enc.completions[0][0]) == "Step 2: a"
+    forced = encode_pairs(t, tok, TokenizeConfig(prefix_as_prompt=True, partial_eos=True))
+    assert all(c[-1] == eos for group in forced.completions for c in group)

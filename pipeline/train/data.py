@@ -41,6 +41,10 @@ class TokenizeConfig(BaseModel):
     max_length: int = Field(1024, ge=2, description="max prompt + completion tokens per sequence")
     max_prompt_length: int | None = Field(None, ge=1, description="prompts longer than this keep their end")
     prefix_as_prompt: bool = Field(False, description="score only the part after shared_prefix")
+    partial_eos: bool = Field(False, description="append EOS to completions marked non-terminal "
+                              "(`chosen_is_terminal` / `rejected_is_terminal` false, e.g. tree step pairs); off: "
+                              "such a completion is a step of a longer response, and EOS after it would teach "
+                              "the model to stop there")
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -201,10 +205,10 @@ class PieceEncoder:
             while len(ids) >= 2 and self.bos is not None and ids[0] == ids[1] == self.bos:
                 ids = ids[1:]
             return ids
-        if kind == "completion":
+        if kind in ("completion", "partial"):
             while ids and self.bos is not None and ids[0] == self.bos:
                 ids = ids[1:]
-            if self.eos is not None and (not ids or ids[-1] != self.eos):
+            if kind == "completion" and self.eos is not None and (not ids or ids[-1] != self.eos):
                 ids = ids + [self.eos]
             return ids
         return ids  # "prefix": continues the prompt, so no specials of its own and no EOS
@@ -225,12 +229,25 @@ class PieceEncoder:
     def completions(self, texts: list[str]) -> list[list[int]]:
         return self._encode_many("completion", texts)
 
+    def completions_marked(self, texts: list[str], terminal: list[bool | None] | None,
+                           partial_eos: bool) -> list[list[int]]:
+        """Completions with EOS, except those marked non-terminal (terminal False) unless partial_eos."""
+        full = self.completions(texts)
+        if terminal is None or partial_eos:
+            return full
+        partial = self._encode_many("partial", texts)
+        return [p if t is False else f for f, p, t in zip(full, partial, terminal)]
+
     def prefixes(self, texts: list[str]) -> list[list[int]]:
         return self._encode_many("prefix", texts)
 
 
 def _optional_strings(table: pa.Table, name: str) -> list[str | None]:
     return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def _optional_flags(table: pa.Table, name: str) -> list[bool | None] | None:
+    return table[name].to_pylist() if name in table.column_names else None
 
 
 def _rendered_prompts(enc: PieceEncoder, table: pa.Table) -> list[str]:
@@ -291,7 +308,9 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
         prompts = [p + x for p, x in zip(prompts, enc.prefixes(prefix_text))]
     else:
         chosen_text, rejected_text = table["chosen"].to_pylist(), table["rejected"].to_pylist()
-    chosen, rejected = enc.completions(chosen_text), enc.completions(rejected_text)
+    chosen = enc.completions_marked(chosen_text, _optional_flags(table, "chosen_is_terminal"), cfg.partial_eos)
+    rejected = enc.completions_marked(rejected_text, _optional_flags(table, "rejected_is_terminal"),
+                                      cfg.partial_eos)
     extra = None
     if rationales:
         _require(table, ("rationale", "rationale_prompt"), dict.fromkeys(("rationale", "rationale_prompt"), "string"),
