@@ -89,7 +89,8 @@ def spa(args, problems) -> dict:
         n_seed = seed_pairs(args, seed_problems, args.out / "seed.parquet")
     tcfg = parse_config({"model": args.policy, "data": str(args.out / "seed.parquet"),
                          "output_dir": str(args.out / "pi0"), "lr": args.lr, "epochs": args.epochs,
-                         "micro_batch": 8, "loss": {"beta": args.beta}, "progress": False, "threads": args.threads})
+                         "micro_batch": 8, "loss": {"beta": args.beta, "rpo_alpha": args.rpo_alpha}, "progress": False,
+                         "threads": args.threads})
     hist = train(tcfg).history
     pi0 = str(args.out / "pi0" / "final")
     rows = problems_to_table(label_problems)
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5, help="π_0 DPO learning rate")
     ap.add_argument("--epochs", type=float, default=2.0, help="π_0 DPO epochs")
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--rpo-alpha", type=float, default=None, help="π_0: add α·NLL(chosen) to DPO (RPO)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
