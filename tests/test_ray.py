@@ -101,6 +101,7 @@ def test_killed_actor_shard_is_redone_elsewhere_without_duplicates(setup, tmp_pa
     assert sorted(int(k) for k in res.store.manifest()["shards"]) == list(range(7))
 
 
+@pytest.mark.slow  # loads a third model replica
 def test_dead_actor_is_replaced(setup, tmp_path):
     model, spec, cfg, local = setup
     pool = RayShardPool(RayConfig(replicas=1, replace_dead=1), "transformers", model, {"batch_size": 8})

@@ -11,6 +11,7 @@ goes back to the queue and runs on another actor (a replacement actor is started
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,7 +38,8 @@ class RayConfig(BaseModel):
     replicas: int = Field(2, ge=1, description="actors, each holding one backend replica")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch thread count)")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; None = 1 when the cluster has GPUs")
-    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a 'local' instance (None: Ray's count)")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a 'local' instance (None: the machine's, "
+                                       "or replicas x num_cpus when that is more)")
     replace_dead: int = Field(2, ge=0, description="replacement actors started, in total, when actors die")
     max_shard_attempts: int = Field(3, ge=1, description="tries per shard across actor deaths before failing")
     start_timeout_s: float = Field(600.0, gt=0, description="wait for an actor's backend to load, then fail "
@@ -103,7 +105,10 @@ class RayShardPool:
         import ray
         if not ray.is_initialized():
             if self.config.address == "local":
-                ray.init(num_cpus=self.config.local_num_cpus, include_dashboard=False, log_to_driver=False)
+                # Enough CPU slots for every replica: an actor Ray cannot place would wait forever.
+                cpus = self.config.local_num_cpus or max(os.cpu_count() or 1,
+                                                         math.ceil(self.config.replicas * self.config.num_cpus))
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=self.config.address, log_to_driver=False)
             self._started_ray = True
