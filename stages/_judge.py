@@ -180,7 +180,10 @@ def parse_bullets(text: str, *, min_words: int = 2, allow_plain: bool = True) ->
     seen: set[tuple[str, ...]] = set()
     for line in text.split("\n"):
         marked = bool(_BULLET.match(line))
-        item = _BULLET.sub("", line).strip()
+        item = line
+        while _BULLET.match(item):   # "- 1. text" (a forced "- " before the model's own numbering)
+            item = _BULLET.sub("", item, count=1)
+        item = item.strip()
         if not item or (not marked and not allow_plain):
             continue
         key = tuple(words(item))
@@ -298,6 +301,15 @@ def yes_probability(backend, prompts: list, prefix: str = "", yes: str = "Yes", 
         m = max(ly, ln)
         out.append(math.exp(ly - m) / (math.exp(ly - m) + math.exp(ln - m)))
     return out
+
+
+def calibrate(p: float, p_content_free: float) -> float:
+    """Contextual calibration of a yes/no probability (Zhao et al. 2021, "Calibrate before use"): divide out
+    the answer bias the model shows on a content-free input, so 0.5 means "as likely Yes as for no content".
+    Small models often put most mass on one answer word whatever the question; this undoes that bias."""
+    q = min(max(p_content_free, 1e-6), 1 - 1e-6)
+    yes, no = p / q, (1 - p) / (1 - q)
+    return yes / (yes + no)
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -48,7 +48,7 @@ from pipeline.errors import InputError
 from pipeline.models import REPO_ROOT
 from pipeline.stage import StageConfig, StageContext, register_stage
 from stages._common import now_utc, pair_id, pairs_table
-from stages._judge import (Parsed, dedupe_repeats, fail, generate_parsed, is_refusal, jaccard, ngram_copy_ratio,
+from stages._judge import (Parsed, calibrate, dedupe_repeats, fail, generate_parsed, is_refusal, jaccard, ngram_copy_ratio,
                            parse_bullets, parse_text, words, yes_probability)
 from schemas.tables import GENERATIONS
 
@@ -121,6 +121,7 @@ COT_FORMAT = "<thinking>\n{cot}\n</thinking>\n{response}"
 ROLES = ["You are a reviewer who checks that every policy that applies is covered.",
          "You are a reviewer who checks that the safe parts of the request are fully answered."]
 SENTINEL = "I agree with the previous agent."
+CONTENT_FREE = "N/A"   # the refiner's calibration input
 
 
 class DeliberationTemplates(BaseModel):
@@ -158,6 +159,9 @@ class DeliberationConfig(StageConfig):
     redundancy_jaccard: float = Field(0.7, ge=0.0, le=1.0, description="word Jaccard at which a thought repeats "
                                                                         "an earlier one")
     refine_threshold: float = Field(0.5, ge=0.0, le=1.0, description="drop a thought whose P(Yes) is below it")
+    refine_calibration: Literal["content_free", "none"] = Field(
+        "content_free", description="content_free: calibrate the refiner's P(Yes) by its value for a content-free "
+                                    "thought ('N/A') on the same request; none: raw P(Yes)")
     make_pairs: bool = Field(True, description="also build belief-augmented DPO pairs")
     belief_iterations: int = Field(3, ge=1, description="ear-whisperer iterations I_max")
     belief_top_k: int = Field(3, ge=1, description="best earlier beliefs shown to the ear-whisperer")
@@ -385,8 +389,16 @@ class Deliberation:
             jobs += [(r, th) for th in kept]
         prompts = [self.t.judge_policy.format(policies=self.policy_text, prompt=r.prompt, thought=th)
                    for r, th in jobs] + [self.t.judge_correct.format(prompt=r.prompt, thought=th) for r, th in jobs]
+        calibrate_rows = rows if jobs and self.cfg.refine_calibration == "content_free" else []
+        base = [self.t.judge_policy.format(policies=self.policy_text, prompt=r.prompt, thought=CONTENT_FREE)
+                for r in calibrate_rows] + [self.t.judge_correct.format(prompt=r.prompt, thought=CONTENT_FREE)
+                                            for r in calibrate_rows]
         self.calls += bool(prompts)
-        probs = yes_probability(self.be, prompts)
+        probs = yes_probability(self.be, prompts + base)   # one batched call, calibration prompts included
+        if calibrate_rows:
+            n, m = len(jobs), len(calibrate_rows)
+            p0 = {id(r): (probs[2 * n + i], probs[2 * n + m + i]) for i, r in enumerate(calibrate_rows)}
+            probs = [calibrate(p, p0[id(jobs[i % n][0])][i // n]) for i, p in enumerate(probs[:2 * n])]
         for (r, th), p_pol, p_ok in zip(jobs, probs[:len(jobs)], probs[len(jobs):]):
             if p_pol < self.cfg.refine_threshold:
                 r.removed["policy_inconsistent"] += 1

@@ -93,6 +93,8 @@ class World:
             return (LOGIT if bad else -LOGIT) if yes else 0.0
         if "Ignore every policy" in prompt:
             return -LOGIT if yes else 0.0
+        if "Thought: N/A" in prompt:      # the refiner's content-free calibration input: P(Yes) = 0.5
+            return 0.0
         return LOGIT if yes else 0.0
 
 
@@ -191,10 +193,11 @@ def test_yaml_config_sets_roles_and_templates(tmp_path):
 def test_golden_run_steps_batching_and_outputs():
     out, be = run_direct(prompts(4), World(agree_round=1))
     # One call per step over all 4 rows: intents, thoughts, response, round 1 (adds), its revision, round 2
-    # (agree), refiner judges (8 thoughts x 2 questions), final response rewrite (refiner dropped nothing ->
+    # (agree), refiner judges (12 thoughts x 2 questions + 2 content-free calibration prompts per row, each
+    # scored for Yes and No), final response rewrite (refiner dropped nothing ->
     # no call), selected violation, belief, rejected thoughts, rejected response, rejected violation.
     assert be.calls == [("continue_", 4), ("continue_", 4), ("continue_", 4), ("generate", 4), ("continue_", 4),
-                        ("generate", 4), ("logprobs", 4 * 3 * 2 * 2), ("logprobs", 8), ("generate", 4),
+                        ("generate", 4), ("logprobs", 4 * 3 * 2 * 2 + 4 * 2 * 2), ("logprobs", 8), ("generate", 4),
                         ("continue_", 4), ("continue_", 4), ("logprobs", 8)]
     sft = out["sft"].to_pylist()
     r = sft[1]
@@ -253,6 +256,29 @@ def test_refiner_drops_policy_inconsistent_and_rewrites_response():
         assert not any("Ignore every policy" in t for t in r["cot"])
     # the response is rewritten from the refined CoT: the last continuation call covers both rows
     assert be.calls[-1] == ("continue_", 2)
+
+
+def test_refiner_calibrates_a_biased_yes_no_judge():
+    """A judge that says No to everything (P(Yes) = 0.2 for real thoughts, 0.1 for the content-free one) keeps
+    every thought after calibration; uncalibrated it removes them all and the row is filtered as cot_empty."""
+    class Biased(World):
+        def score(self, prompt, completion):
+            if "Answer Yes or No." in prompt and "Thought:" in prompt:
+                p = 0.1 if "Thought: N/A" in prompt else 0.2
+                return math.log(p) if completion == "Yes" else math.log(1 - p)
+            return super().score(prompt, completion)
+    out, _ = run_direct(prompts(2), Biased(), make_pairs=False)
+    assert out["sft"].column("status").to_pylist() == ["ok", "ok"]
+    assert [len(c) for c in out["sft"].column("cot").to_pylist()] == [3, 3]
+    out, _ = run_direct(prompts(2), Biased(), make_pairs=False, refine_calibration="none")
+    assert [e.split(":")[0] for e in out["sft"].column("error").to_pylist()] == ["cot_empty", "cot_empty"]
+
+
+def test_calibrate():
+    from stages._judge import calibrate
+    assert calibrate(0.9, 0.5) == pytest.approx(0.9)
+    assert calibrate(0.2, 0.1) == pytest.approx((2) / (2 + 0.8 / 0.9))
+    assert calibrate(0.1, 0.1) == pytest.approx(0.5)
 
 
 def test_belief_fallback_and_pair_filter():
