@@ -17,8 +17,20 @@ from pipeline.store import RunStore
 from schemas.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ["PREFPIPE_STAGE_MODULES"] = "tests.helpers.toy_stage"
-os.environ["PREFPIPE_NO_PROGRESS"] = "1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _toy_stage_env():
+    """The toy stage for this module only: a process-wide setting would leak into other tests' subprocesses."""
+    saved = {k: os.environ.get(k) for k in ("PREFPIPE_STAGE_MODULES", "PREFPIPE_NO_PROGRESS")}
+    os.environ["PREFPIPE_STAGE_MODULES"] = "tests.helpers.toy_stage"
+    os.environ["PREFPIPE_NO_PROGRESS"] = "1"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def write_config(tmp_path, name="toy", n=40, **extra) -> Path:
