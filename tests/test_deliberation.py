@@ -10,14 +10,14 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+
+from tests.helpers.kill_child import child_runner
 
 from pipeline.engine import run_stage
 from pipeline.errors import InputError
@@ -339,11 +339,7 @@ CHILD = textwrap.dedent("""
 def test_sigkill_then_rerun_has_no_duplicates(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def child(run_dir, kill_after):
-        return subprocess.run([sys.executable, str(script), str(run_dir), str(kill_after)], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+    child = child_runner(script)
     assert child(tmp_path / "ref", 0).returncode == 0
     assert child(tmp_path / "run", 2).returncode == -signal.SIGKILL
     again = child(tmp_path / "run", 0)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+
+from tests.helpers.kill_child import child_runner
 from pydantic import ValidationError
 
 from pipeline.backends.base import Completion, LogprobResult, SamplingParams, as_messages
@@ -343,11 +345,7 @@ CHILD = textwrap.dedent("""
 def test_sigkill_then_rerun_has_no_duplicates(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def child(run_dir, kill_after):
-        return subprocess.run([sys.executable, str(script), str(run_dir), str(kill_after)], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+    child = child_runner(script)
     ref = child(tmp_path / "ref", 0)
     assert ref.returncode == 0, ref.stderr
     killed = child(tmp_path / "run", 2)
