@@ -214,6 +214,25 @@ def test_sft_mode_loss_is_token_mean_nll(setup, tmp_path):
     assert t.ref is None and res.ref_forwards == 0
 
 
+def test_sft_column_trains_on_the_named_column(setup, tmp_path):
+    """mode sft + sft_column=gold trains prompt -> gold (a bundled-task prompts table), not `chosen`."""
+    tok, model, _ = setup
+    pairs = _pair_table()
+    table = pa.table({"prompt": pairs["prompt"], "gold": pairs["rejected"], "chosen": pairs["chosen"]})
+    path = tmp_path / "gold.parquet"
+    pq.write_table(table, path)
+    cfg = _cfg(path, tmp_path, mode="sft", sft_column="gold", micro_batch=4, max_steps=1, shuffle=False)
+    t = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok)
+    from pipeline.train.data import TokenizeConfig, encode_sft
+    want = encode_sft(pa.table({"prompt": pairs["prompt"], "completion": pairs["rejected"]}), tok, TokenizeConfig())
+    with torch.no_grad():
+        out = row_logps(model, collate(want, [0, 1, 2, 3], 0))
+    res = t.train()
+    assert res.history[0]["loss"] == pytest.approx(-out.logps.sum().item() / out.tokens.sum().item(), abs=1e-5)
+    with pytest.raises(ValueError, match="sft_column applies to mode sft only"):
+        _cfg(path, tmp_path, sft_column="gold")
+
+
 def test_checkpoint_roundtrip(setup, tmp_path):
     tok, model, path = setup
     cfg = _cfg(path, tmp_path, micro_batch=8, max_steps=2, save_every=1, save_final=True)

@@ -23,6 +23,9 @@ class TrainConfig(BaseModel):
         "auto", description="auto: a `responses` column means ranked lists, else pairs")
     mode: Literal["preference", "sft"] = Field(
         "preference", description="sft: token-mean NLL of prompt -> chosen (or `completion`) only; no reference")
+    sft_column: str | None = Field(
+        None, description="mode sft: the column to train on (e.g. `gold` of a bundled-task prompts table); "
+        "None = `completion`, else `chosen`")
     output_dir: str = Field("runs/train", description="checkpoints, metrics.jsonl and the final model")
 
     loss: LossConfig = Field(default_factory=LossConfig, description="pairwise loss (sigmoid DPO, beta 0.1)")
@@ -77,6 +80,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.mode == "sft" and self.data_kind == "lists":
             raise ValueError("mode sft trains on pairs' chosen side or a completion column, not ranked lists")
+        if self.sft_column is not None and self.mode != "sft":
+            raise ValueError("sft_column applies to mode sft only")
         if self.share_prompt and self.attn_implementation == "flash_attention_2":
             raise ValueError("share_prompt needs a block attention mask, which flash_attention_2 cannot take: "
                              "use sdpa or eager")

@@ -320,10 +320,13 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
     return _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc, extra)
 
 
-def encode_sft(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None) -> Encoded:
-    """One completion per row: the `completion` column, else the pairs' `chosen` (groups of K=1)."""
+def encode_sft(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None,
+               target: str | None = None) -> Encoded:
+    """One completion per row: the `target` column if given, else `completion`, else the pairs' `chosen`
+    (groups of K=1)."""
     table = from_conversational(table, file)
-    target = "completion" if "completion" in table.column_names else "chosen"
+    if target is None:
+        target = "completion" if "completion" in table.column_names else "chosen"
     if table.num_rows == 0:
         raise InputError("empty table", file=file)
     _require(table, ("prompt", target), {"prompt": "string", target: "string"}, file)

@@ -134,9 +134,11 @@ class Trainer:
         if self.kind == "pairs":
             data = encode_pairs(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data,
                                 rationales=self.cfg.loss.rationale_gamma is not None)
+        elif self.kind == "lists":
+            data = encode_lists(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data)
         else:
-            enc = encode_lists if self.kind == "lists" else encode_sft
-            data = enc(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data)
+            data = encode_sft(self.table, self.tokenizer, self.cfg.tokenize, file=self.cfg.data,
+                              target=self.cfg.sft_column)
         if len(data) == 0:
             raise InputError(f"no row fits max_length={self.cfg.tokenize.max_length}", file=self.cfg.data)
         return data
