@@ -135,10 +135,11 @@ def write_training_md(out: Path, cfg: TrainTinyConfig, record: dict) -> None:
     steps = ", ".join(f"{k} steps: {v:.3f}" for k, v in final["by_steps"].items())
     lo, hi = final["ci95"]
     m = cfg.model
+    origin = f"from the weights in `{record['init_from']}`" if record.get("init_from") else "from scratch"
     text = f"""# Tiny policy for the bundled arithmetic task
 
 A {record['n_params'] / 1e6:.2f}M-parameter char-level Llama ({m.num_hidden_layers} layers, width {m.hidden_size},
-MLP {m.intermediate_size}, {m.num_attention_heads} heads, tied embeddings), trained from scratch by
+MLP {m.intermediate_size}, {m.num_attention_heads} heads, tied embeddings), trained {origin} by
 `pipeline/train/sft.py` on gold solutions (fp32, CPU, {cfg.threads} thread(s)).
 
 Command (run from the repository root):

@@ -139,3 +139,21 @@ def test_sigkill_during_flow_then_rerun(tmp_path):
         got, ref = _rows(tmp_path / "killed", stage), _rows(tmp_path / "uninterrupted", stage)
         assert got.num_rows == 120 and len(set(got.column("row_key").to_pylist())) == 120
         assert got.equals(ref)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "flows" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_validate(path, monkeypatch):
+    """Every bundled run config parses, and each stage's and each training arm's config validates (a typo
+    in a field name would otherwise only fail minutes into a run)."""
+    from pipeline.stage import get_stage
+    from pipeline.train.config import TrainConfig
+    from stages.cli import load_stage_modules
+
+    monkeypatch.delenv("PREFPIPE_STAGE_MODULES", raising=False)
+    load_stage_modules()
+    cfg, _ = load_run_config(path)
+    for step in cfg.stages:
+        get_stage(step.stage).config(**step.config)
+    for arm in cfg.train:
+        TrainConfig(**{"model": cfg.model, **arm.config, "data": arm.data, "output_dir": "unused"})
+    assert cfg.stages or cfg.train

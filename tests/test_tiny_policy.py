@@ -142,7 +142,7 @@ def test_policy_accuracy_in_reported_band(policy):
     problems = make_split(TaskConfig.tiny(), "eval", 200)
     res = greedy_accuracy(model, tok, problems)
     assert res["n"] == 200
-    # TRAINING.md reports 1000 problems (0.900); the first 200 were 0.895 at training time (history.json).
+    # TRAINING.md reports 1000 problems (0.547); the first 200 were 0.585 at training time (history.json).
     assert HISTORY["final_first_200"]["accuracy"] == pytest.approx(res["accuracy"], abs=0.02)
-    assert 0.85 <= res["accuracy"] <= 0.95
-    assert res["steps_all_right"] >= 0.85
+    assert 0.40 <= res["accuracy"] <= 0.65     # the 40-60 % band (data/tiny-policy/TRAINING.md), 200-problem noise
+    assert res["steps_all_right"] >= res["accuracy"] - 0.05   # a right answer almost always has right steps

@@ -93,9 +93,9 @@ class TaskConfig(BaseModel):
     @classmethod
     def tiny(cls, **overrides) -> "TaskConfig":
         """The difficulty of the committed tiny policy (data/tiny-policy): 3-4 steps of + - * on 10-99 with
-        single-digit operands, terse templates. It was trained on the same problems with 2-4 steps; its greedy
-        accuracy here is in data/tiny-policy/TRAINING.md (90.0 % on 1000 eval problems)."""
-        base = dict(min_steps=3, max_steps=4, start_min=10, start_max=99, operand_min=2, operand_max=9,
+        + and - operands 2-99, * operands 2-9, values <= 999, terse templates. It was trained on the same problems
+        with 2-4 steps; its greedy accuracy here is in data/tiny-policy/TRAINING.md."""
+        base = dict(min_steps=3, max_steps=4, start_min=10, start_max=99, operand_min=2, operand_max=99,
                     mul_min=2, mul_max=9, max_value=999, ops=["+", "-", "*"], templates=["compact", "think"])
         return cls(**{**base, **overrides})
 
