@@ -67,8 +67,39 @@ def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
             info["methods"] = {k: methods.count(k) for k in sorted(set(map(str, methods)))}
         if "trees" in m["outputs"] and st.num_rows("trees"):
             info["trees"] = _tree_stats(st.read("trees"))
+        if s.stage in FULL_SOLUTION_STAGES and info.get("margins") is not None:
+            agreement = _verifier_agreement(cfg, st.read())
+            if agreement:
+                info["verifier"] = agreement
         stats[s.folder] = info
     return stats
+
+
+# Stages whose pairs hold whole solutions (shared_prefix + chosen is a full answer), so the bundled task's
+# verifier can say whether the label is right. Tree step pairs hold one line and are step-verified already.
+FULL_SOLUTION_STAGES = {"sample-pairs", "intervention", "self-label"}
+
+
+def _verifier_agreement(cfg: RunConfig, pairs) -> dict | None:
+    """On the bundled task: how often an ok pair's chosen side is right and its rejected side wrong (the label
+    agrees with the verifier), both right or both wrong (the label carries no answer signal), or the reverse."""
+    import pyarrow.parquet as pq
+
+    from pipeline.tasks.verify import problem_from_meta, verify_answer
+
+    inputs = run_dir(cfg) / "inputs" / "prompts.parquet"
+    if cfg.inputs.task is None or not inputs.exists():
+        return None
+    meta = dict(zip(*pq.read_table(inputs, columns=["prompt_id", "meta"]).to_pydict().values()))
+    counts = {"agree": 0, "both_right": 0, "both_wrong": 0, "inverted": 0}
+    for r in pairs.select(["prompt_id", "shared_prefix", "chosen", "rejected", "status"]).to_pylist():
+        if r["status"] != "ok" or r["prompt_id"] not in meta:
+            continue
+        problem, prefix = problem_from_meta(meta[r["prompt_id"]]), r["shared_prefix"] or ""
+        c, j = verify_answer(prefix + r["chosen"], problem), verify_answer(prefix + r["rejected"], problem)
+        counts["agree" if c and not j else "inverted" if j and not c else "both_right" if c else "both_wrong"] += 1
+    n = sum(counts.values())
+    return {**counts, "n": n, "agree_share": counts["agree"] / n} if n else None
 
 
 def _tree_stats(trees) -> dict:
@@ -135,13 +166,13 @@ def _plots(out: Path, cfg: RunConfig, evals: dict, stages: dict) -> list[str]:
 
 
 def _drift(rows: list[dict]) -> dict:
-    """Chosen/rejected log-prob drift over training (first logged step → last)."""
-    keys = ("logps/chosen", "logps/rejected")
-    first = next((r for r in rows if all(r.get(k) is not None for k in keys)), None)
-    last = next((r for r in reversed(rows) if all(r.get(k) is not None for k in keys)), None)
-    if not first or not last:
-        return {}
-    return {"chosen": last[keys[0]] - first[keys[0]], "rejected": last[keys[1]] - first[keys[1]]}
+    """Chosen/rejected log-prob drift over training (first logged step → last); SFT arms log chosen only."""
+    out = {}
+    for key, name in (("logps/chosen", "chosen"), ("logps/rejected", "rejected")):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        if vals:
+            out[name] = vals[-1] - vals[0]
+    return out
 
 
 def build_summary(cfg: RunConfig) -> dict:
@@ -214,8 +245,8 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
                   "Δ logp rejected |", "|---|---|---|---|---|---|---|"]
         for k, t in s["train"].items():
             d = t["logp_drift"] or {}
-            lines.append(f"| {k} | {t['role']} | {t['data']} | {t['steps']} | {t['groups']} | "
-                         f"{d.get('chosen', float('nan')):+.2f} | {d.get('rejected', float('nan')):+.2f} |")
+            chosen, rejected = (f"{d[x]:+.2f}" if x in d else "–" for x in ("chosen", "rejected"))
+            lines.append(f"| {k} | {t['role']} | {t['data']} | {t['steps']} | {t['groups']} | {chosen} | {rejected} |")
         lines.append("")
     if s["stages"]:
         lines += ["## Stages", "", "| stage | rows | status | pairs ok | mean margin | methods |",
@@ -225,6 +256,11 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
             mm = v.get("margin_mean")
             lines.append(f"| {k} ({v['stage']}) | {v['rows'].get('main')} | {status} | {v.get('pairs_ok', '')} | "
                          f"{'' if mm is None else f'{mm:.3f}'} | {v.get('methods', '')} |")
+            if v.get("verifier"):
+                a = v["verifier"]
+                lines.append(f"|  verifier | label agrees {a['agree']}/{a['n']} ({100 * a['agree_share']:.0f} %) | "
+                             f"both right {a['both_right']}, both wrong {a['both_wrong']} | inverted "
+                             f"{a['inverted']} | | |")
             if v.get("trees"):
                 t = v["trees"]
                 lines.append(f"|  trees | {t['trees']} trees | {t['nodes_mean']:.1f} nodes/tree (max "

@@ -157,3 +157,28 @@ def test_shipped_run_configs_validate(path, monkeypatch):
     for arm in cfg.train:
         TrainConfig(**{"model": cfg.model, **arm.config, "data": arm.data, "output_dir": "unused"})
     assert cfg.stages or cfg.train
+
+
+def test_verifier_agreement_counts_each_label_kind(tmp_path):
+    """The report's verifier check on full-solution pairs: agree / both right / both wrong / inverted."""
+    from flows.report import _verifier_agreement
+    from flows.steps import prepare_inputs
+
+    cfg, _ = load_run_config(write_config(tmp_path, n=4))
+    import pyarrow.parquet as pq
+    prompts = pq.read_table(prepare_inputs(cfg, tmp_path)).to_pylist()
+    right = [p["gold"] for p in prompts]
+    wrong = [g.rsplit("Answer: ", 1)[0] + f"Answer: {int(p['answer']) + 1}" for g, p in zip(right, prompts)]
+    rows = [  # (chosen, rejected, shared_prefix, status)
+        (right[0], wrong[0], None, "ok"),                      # agree
+        (wrong[1], right[1], None, "ok"),                      # inverted
+        (right[2], right[2], None, "ok"),                      # both right
+        (wrong[3], wrong[3], None, "ok"),                      # both wrong
+        (right[0][10:], wrong[0][10:], right[0][:10], "ok"),   # agree, with the solution split at a prefix
+        (wrong[1], right[1], None, "filtered"),                # not counted
+    ]
+    ids = [prompts[i]["prompt_id"] for i in (0, 1, 2, 3, 0, 1)]
+    table = pa.table({"prompt_id": ids, "shared_prefix": [r[2] for r in rows], "chosen": [r[0] for r in rows],
+                      "rejected": [r[1] for r in rows], "status": [r[3] for r in rows]})
+    got = _verifier_agreement(cfg, table)
+    assert got == {"agree": 2, "both_right": 1, "both_wrong": 1, "inverted": 1, "n": 5, "agree_share": 0.4}
