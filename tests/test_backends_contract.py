@@ -122,7 +122,7 @@ def test_length_cap_reports_length(backend):
 
 
 def test_n_samples_differ_under_temperature(backend):
-    # A trained policy is near-deterministic on its own task at T=1 (the tiny policy solves 90 %), so sample
+    # A trained policy is near-deterministic on its own task at T=1 (the earlier tiny policy solved 90 %), so sample
     # hotter and longer: the claim is that the n samples are independent draws, not copies.
     sp = SamplingParams(temperature=2.0, max_tokens=32, seed=11)
     out = backend.generate(PROMPTS[:2], sp, n=6)
