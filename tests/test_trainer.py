@@ -306,6 +306,8 @@ def test_cli_input_errors_exit_2(setup, tmp_path, monkeypatch, capsys):
     tok, model, path = setup
     code, out = _run_cli(["train", "--model", "x", "--data", str(path), "--micro-batch", "0"], monkeypatch, capsys)
     assert code == 2 and "column 'micro_batch'" in out.err
+    code, out = _run_cli(["train", "--model", "x", "--data", str(path), "--sft-column", "gold"], monkeypatch, capsys)
+    assert code == 2 and "sft_column applies to mode sft only" in out.err
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"prompt": ["a"], "chosen": ["b"]}), bad)
     model_dir = tmp_path / "policy"

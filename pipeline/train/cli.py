@@ -35,6 +35,7 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, help="pair / ranked-list table (.parquet, folder, .jsonl)"),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o"),
         mode: Optional[str] = typer.Option(None, help="preference | sft"),
+        sft_column: Optional[str] = typer.Option(None, help="mode sft: the column to train on (e.g. gold)"),
         loss_type: Optional[str] = typer.Option(
             None, help="pairwise loss, e.g. sigmoid, ipo, apo_zero; several as sigmoid,sft"),
         beta: Optional[float] = typer.Option(None),
@@ -61,7 +62,8 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
         from pipeline.train.trainer import Trainer
 
         cfg = load_config(config, _overrides(
-            model=model, data=data, output_dir=output_dir, mode=mode, loss_type=loss_type, beta=beta,
+            model=model, data=data, output_dir=output_dir, mode=mode, sft_column=sft_column, loss_type=loss_type,
+            beta=beta,
             rpo_alpha=rpo_alpha, lr=lr, epochs=epochs, max_steps=max_steps, micro_batch=micro_batch,
             grad_accum=grad_accum, max_length=max_length, prefix_as_prompt=prefix_as_prompt, device=device,
             seed=seed, progress=progress, share_prompt=share_prompt, gradient_checkpointing=gradient_checkpointing))
