@@ -50,7 +50,7 @@ def _metrics(cfg: RunConfig, arm: str) -> list[dict]:
 
 def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
     store = RunStore(run_dir(cfg))
-    stats = {}
+    stats, problems = {}, None
     for s in cfg.stages:
         st = store.stage(s.folder)
         if not st.exists():
@@ -68,7 +68,8 @@ def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
         if "trees" in m["outputs"] and st.num_rows("trees"):
             info["trees"] = _tree_stats(st.read("trees"))
         if s.stage in FULL_SOLUTION_STAGES and info.get("margins") is not None:
-            agreement = _verifier_agreement(cfg, st.read())
+            problems = _task_problems(cfg) if problems is None else problems
+            agreement = problems and _verifier_agreement(problems, st.read(columns=list(AGREEMENT_COLUMNS)))
             if agreement:
                 info["verifier"] = agreement
         stats[s.folder] = info
@@ -80,22 +81,35 @@ def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
 FULL_SOLUTION_STAGES = {"sample-pairs", "intervention", "self-label"}
 
 
-def _verifier_agreement(cfg: RunConfig, pairs) -> dict | None:
-    """On the bundled task: how often an ok pair's chosen side is right and its rejected side wrong (the label
-    agrees with the verifier), both right or both wrong (the label carries no answer signal), or the reverse."""
+AGREEMENT_COLUMNS = ("prompt_id", "shared_prefix", "chosen", "rejected", "status")
+
+
+def _task_problems(cfg: RunConfig) -> dict:
+    """prompt_id -> Problem of the run's bundled-task inputs ({} when the inputs are not the bundled task)."""
     import pyarrow.parquet as pq
 
-    from pipeline.tasks.verify import problem_from_meta, verify_answer
+    from pipeline.tasks.verify import problem_from_meta
 
     inputs = run_dir(cfg) / "inputs" / "prompts.parquet"
     if cfg.inputs.task is None or not inputs.exists():
-        return None
-    meta = dict(zip(*pq.read_table(inputs, columns=["prompt_id", "meta"]).to_pydict().values()))
+        return {}
+    t = pq.read_table(inputs, columns=["prompt_id", "meta"])
+    return {pid: problem_from_meta(m) for pid, m in zip(t["prompt_id"].to_pylist(), t["meta"].to_pylist())}
+
+
+def _verifier_agreement(problems: dict, pairs) -> dict | None:
+    """On the bundled task: how often an ok pair's chosen side is right and its rejected side wrong (the label
+    agrees with the verifier), both right or both wrong (the label carries no answer signal), or the reverse.
+    Re-verified from the pair texts, for every full-solution stage alike (self-label's own `chosen_correct`
+    columns and stages.self_label.label_report are that stage's view of the same thing)."""
+    from pipeline.tasks.verify import verify_answer
+
     counts = {"agree": 0, "both_right": 0, "both_wrong": 0, "inverted": 0}
-    for r in pairs.select(["prompt_id", "shared_prefix", "chosen", "rejected", "status"]).to_pylist():
-        if r["status"] != "ok" or r["prompt_id"] not in meta:
+    for r in pairs.select(list(AGREEMENT_COLUMNS)).to_pylist():
+        problem = problems.get(r["prompt_id"])
+        if r["status"] != "ok" or problem is None:
             continue
-        problem, prefix = problem_from_meta(meta[r["prompt_id"]]), r["shared_prefix"] or ""
+        prefix = r["shared_prefix"] or ""
         c, j = verify_answer(prefix + r["chosen"], problem), verify_answer(prefix + r["rejected"], problem)
         counts["agree" if c and not j else "inverted" if j and not c else "both_right" if c else "both_wrong"] += 1
     n = sum(counts.values())

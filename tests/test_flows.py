@@ -161,11 +161,12 @@ def test_shipped_run_configs_validate(path, monkeypatch):
 
 def test_verifier_agreement_counts_each_label_kind(tmp_path):
     """The report's verifier check on full-solution pairs: agree / both right / both wrong / inverted."""
-    from flows.report import _verifier_agreement
+    import pyarrow.parquet as pq
+
+    from flows.report import _task_problems, _verifier_agreement
     from flows.steps import prepare_inputs
 
     cfg, _ = load_run_config(write_config(tmp_path, n=4))
-    import pyarrow.parquet as pq
     prompts = pq.read_table(prepare_inputs(cfg, tmp_path)).to_pylist()
     right = [p["gold"] for p in prompts]
     wrong = [g.rsplit("Answer: ", 1)[0] + f"Answer: {int(p['answer']) + 1}" for g, p in zip(right, prompts)]
@@ -180,5 +181,5 @@ def test_verifier_agreement_counts_each_label_kind(tmp_path):
     ids = [prompts[i]["prompt_id"] for i in (0, 1, 2, 3, 0, 1)]
     table = pa.table({"prompt_id": ids, "shared_prefix": [r[2] for r in rows], "chosen": [r[0] for r in rows],
                       "rejected": [r[1] for r in rows], "status": [r[3] for r in rows]})
-    got = _verifier_agreement(cfg, table)
+    got = _verifier_agreement(_task_problems(cfg), table)
     assert got == {"agree": 2, "both_right": 1, "both_wrong": 1, "inverted": 1, "n": 5, "agree_share": 0.4}

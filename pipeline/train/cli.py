@@ -63,8 +63,7 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
 
         cfg = load_config(config, _overrides(
             model=model, data=data, output_dir=output_dir, mode=mode, sft_column=sft_column, loss_type=loss_type,
-            beta=beta,
-            rpo_alpha=rpo_alpha, lr=lr, epochs=epochs, max_steps=max_steps, micro_batch=micro_batch,
+            beta=beta, rpo_alpha=rpo_alpha, lr=lr, epochs=epochs, max_steps=max_steps, micro_batch=micro_batch,
             grad_accum=grad_accum, max_length=max_length, prefix_as_prompt=prefix_as_prompt, device=device,
             seed=seed, progress=progress, share_prompt=share_prompt, gradient_checkpointing=gradient_checkpointing))
         result = Trainer(cfg).train()
