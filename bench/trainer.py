@@ -1,17 +1,20 @@
 """Our DPO trainer vs TRL's DPOTrainer, side by side on the same model and the same pairs (CPU, fp32).
 
     .venv/bin/pip install --no-deps --target .venv-trl trl==1.16.0     # TRL only for this script
-    .venv/bin/python bench/trainer.py [--pairs 256] [--micro-batch 8] [--threads 2]
+    .venv/bin/python bench/trainer.py [--pairs 256] [--micro-batch 8] [--threads 2] [--repeats 3]
+    .venv/bin/python bench/trainer.py --policy smollm2-135m --pairs 32 --micro-batch 4
 
 Each side runs in its own subprocess (so peak RSS is its own: ru_maxrss of the child) for one epoch over the
 same pairs with the same micro-batch, lr and max_length, sigmoid loss, no gradient checkpointing. tokens/s counts
 every non-padding token of both sequences (prompt+chosen and prompt+rejected: the prompt counts twice, as in
 TRL's concatenated forward), over the steps after the first two (warmup excluded), per wall second and per
 CPU second of the process (the steadier number when other jobs share the cores). Our reference log-probs are
-one cached pass, timed separately; TRL runs its reference model every step (its default).
+one cached pass, timed separately; TRL runs its reference model every step (its default) or, in the last variant, precomputes it
+(`precompute_ref_log_probs`, also before the timed steps).
 
-Model: data/tiny-policy when it exists, else a random Llama of the tiny policy's shape (hidden 256, 4 layers)
-with the char tokenizer. Pairs: the bundled task's problems, chosen = gold solution, rejected = the gold
+Model (`--policy`): `tiny` (default) = data/tiny-policy when it exists, else a random Llama of the tiny policy's
+shape with the char tokenizer; `smollm2-135m` = the bundled SmolLM2-135M-Instruct (BPE tokenizer, chat
+template, V = 49,152: the shape where the fused LM head and the cached reference matter); or a model folder. Pairs: the bundled task's problems, chosen = gold solution, rejected = the gold
 solution with its last step's result and answer changed.
 """
 from __future__ import annotations
@@ -39,10 +42,11 @@ VARIANTS = [
     ("ours", {"share_prompt": True, "gradient_checkpointing": True}),
     ("trl", {"gradient_checkpointing": False}),
     ("trl", {"gradient_checkpointing": True}),
+    ("trl", {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),  # TRL's own cached reference
 ]
 
 
-def make_inputs(work: Path, n_pairs: int) -> tuple[Path, Path]:
+def make_inputs(work: Path, n_pairs: int, policy: str = "tiny") -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -50,7 +54,10 @@ def make_inputs(work: Path, n_pairs: int) -> tuple[Path, Path]:
     from pipeline.train.tiny import char_tokenizer, tiny_llama
 
     tiny = ROOT / "data" / "tiny-policy"
-    if (tiny / "config.json").exists():
+    if policy != "tiny":
+        from pipeline.models import resolve_model
+        model_dir = resolve_model(policy)
+    elif (tiny / "config.json").exists():
         model_dir = tiny
     else:
         model_dir = work / "model"
@@ -177,11 +184,14 @@ def spawn(side: str, args, model: Path, data: Path, opts: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--policy", default="tiny", help="tiny (default), smollm2-135m, or a model folder")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="only ours (defaults) vs TRL (no checkpointing)")
     ap.add_argument("--variants", type=int, nargs="+", help="indices into VARIANTS to run (default: all)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the variant list this many times, round-robin; ratios are per-round medians")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -192,23 +202,41 @@ def main() -> None:
         child(args)
         return
     with tempfile.TemporaryDirectory() as work:
-        model, data = make_inputs(Path(work), args.pairs)
+        model, data = make_inputs(Path(work), args.pairs, args.policy)
         runs = [VARIANTS[i] for i in args.variants] if args.variants else \
             (VARIANTS[:1] + VARIANTS[3:4] if args.quick else VARIANTS)
         results = []
-        for side, opts in runs:
-            results.append(spawn(side, args, model, data, opts))
-            print(json.dumps(results[-1]), flush=True)
-    trl = [r for r in results if r["side"] == "trl" and "error" not in r]
-    for r in results:
-        if r["side"] != "ours" or "error" in r:
-            continue
-        for t in trl:
-            print(f"ours {r['opts']} vs trl {t['opts']}: tokens/s x{r['tokens_per_s'] / t['tokens_per_s']:.2f} "
-                  f"(per CPU-second x{r['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}), "
-                  f"peak RSS x{r['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
+        for round_ in range(args.repeats):
+            for v, (side, opts) in enumerate(runs):
+                results.append({**spawn(side, args, model, data, opts), "round": round_, "variant": v})
+                print(json.dumps(results[-1]), flush=True)
+    summary = compare(results)
+    for line in summary:
+        print(line["text"])
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        args.out.write_text(json.dumps({"runs": results, "ratios": summary}, indent=1))
+
+
+def compare(results: list[dict]) -> list[dict]:
+    """Ours vs TRL for every (ours variant, TRL variant): the median over rounds of the ratio within a round
+    (the two runs of a round are minutes apart, so slow drifts of the machine's load cancel)."""
+    import statistics
+    ok = [r for r in results if "error" not in r]
+    variants = sorted({r["variant"] for r in ok})
+    side = {r["variant"]: (r["side"], r["opts"]) for r in ok}
+    out = []
+    for a in (v for v in variants if side[v][0] == "ours"):
+        for b in (v for v in variants if side[v][0] == "trl"):
+            rounds = sorted({r["round"] for r in ok if r["variant"] == a} & {r["round"] for r in ok if r["variant"] == b})
+            if not rounds:
+                continue
+            get = {(r["variant"], r["round"]): r for r in ok}
+            ratio = {k: statistics.median(get[(a, i)][k] / get[(b, i)][k] for i in rounds)
+                     for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")}
+            text = (f"ours {side[a][1]} vs trl {side[b][1]}: tokens/s x{ratio['tokens_per_s']:.2f} (per CPU-second "
+                    f"x{ratio['tokens_per_cpu_s']:.2f}), peak RSS x{ratio['peak_rss_mb']:.2f}, median of {len(rounds)}")
+            out.append({"ours": side[a][1], "trl": side[b][1], "rounds": len(rounds), **ratio, "text": text})
+    return out
 
 
 if __name__ == "__main__":

@@ -179,14 +179,11 @@ def _plots(out: Path, cfg: RunConfig, evals: dict, stages: dict) -> list[str]:
     return made
 
 
-def _drift(rows: list[dict]) -> dict:
-    """Chosen/rejected log-prob drift over training (first logged step → last); SFT arms log chosen only."""
-    out = {}
-    for key, name in (("logps/chosen", "chosen"), ("logps/rejected", "rejected")):
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        if vals:
-            out[name] = vals[-1] - vals[0]
-    return out
+def _drift(info: dict) -> dict:
+    """Log-prob drift of an arm: the trainer's probe (the same first N training groups scored by the policy
+    before and after training, nats per sequence). Empty for runs trained before the probe existed."""
+    d = info.get("drift") or {}
+    return {k: v for k, v in d.items() if v is not None}
 
 
 def build_summary(cfg: RunConfig) -> dict:
@@ -209,11 +206,10 @@ def build_summary(cfg: RunConfig) -> dict:
             summary["deltas"][f"{label} vs {ref}"] = paired_delta(
                 [a[i] for i in ids], [b[i] for i in ids], resamples=cfg.eval.bootstrap if cfg.eval else 2000)
     for arm in cfg.train:
-        rows = _metrics(cfg, arm.name)
         p = run_dir(cfg) / "train" / arm.name / "train_summary.json"
         info = json.loads(p.read_text()) if p.exists() else {}
         summary["train"][arm.name] = {"role": arm.role, "data": arm.data, "steps": info.get("steps"),
-                                      "groups": info.get("groups"), "logp_drift": _drift(rows),
+                                      "groups": info.get("groups"), "logp_drift": _drift(info),
                                       "last": info.get("last")}
     del base
     return summary
@@ -255,11 +251,13 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
                              f"| {sig} |")
         lines.append("")
     if s["train"]:
-        lines += ["## Training arms", "", "| arm | role | data | steps | pairs/rows | Δ logp chosen | "
-                  "Δ logp rejected |", "|---|---|---|---|---|---|---|"]
+        lines += ["## Training arms", "", "Δ logp: the final model minus the starting policy, summed log-prob per "
+                  "sequence (nats), on the same first training groups (`drift_probe`, the count in brackets).", "",
+                  "| arm | role | data | steps | pairs/rows | Δ logp chosen | Δ logp rejected |",
+                  "|---|---|---|---|---|---|---|"]
         for k, t in s["train"].items():
             d = t["logp_drift"] or {}
-            chosen, rejected = (f"{d[x]:+.2f}" if x in d else "–" for x in ("chosen", "rejected"))
+            chosen, rejected = (f"{d[x]:+.2f} ({d['groups']})" if x in d else "–" for x in ("chosen", "rejected"))
             lines.append(f"| {k} | {t['role']} | {t['data']} | {t['steps']} | {t['groups']} | {chosen} | {rejected} |")
         lines.append("")
     if s["stages"]:

@@ -257,3 +257,24 @@ def test_non_terminal_completions_get_no_eos():
     assert tok.decode(enc.completions[0][0]) == "Step 2: a"
     forced = encode_pairs(t, tok, TokenizeConfig(prefix_as_prompt=True, partial_eos=True))
     assert all(c[-1] == eos for group in forced.completions for c in group)
+
+
+def test_rejected_to_divergence_cuts_after_the_first_differing_token():
+    """Token-level step pairs: the rejected keeps the common tokens and its first wrong one, nothing after."""
+    from pipeline.train.data import cut_at_divergence
+    assert cut_at_divergence([1, 2, 3, 4], [1, 2, 9, 8, 7]) == [1, 2, 9]
+    assert cut_at_divergence([1, 2, 3], [5, 6]) == [5]
+    assert cut_at_divergence([1, 2, 3], [1, 2]) == [1, 2]          # a prefix of the chosen: whole
+    assert cut_at_divergence([1, 2], [1, 2]) == [1, 2]             # equal: whole
+    assert cut_at_divergence([1, 2], [1, 2, 3, 4]) == [1, 2, 3]    # longer: up to its first extra token
+    tok = char_tokenizer(template_bos=False)
+    t = pa.table({"prompt": ["q", "q", "q"], "chosen": ["= 154", "= 14", "= 7"],
+                  "rejected": ["= 144", "= 13", "= 7"]})
+    whole = encode_pairs(t, tok, TokenizeConfig())
+    cut = encode_pairs(t, tok, TokenizeConfig(rejected_to_divergence=True))
+    eos = tok.eos_token_id
+    full = [g[1] for g in whole.completions]  # "= 144</s>", "= 13</s>", "= 7</s>" as char tokens
+    assert [g[1] for g in cut.completions] == [full[0][:4], full[1][:4], full[2]]
+    assert cut.completions[1][1][-1] != eos and cut.completions[2][1][-1] == eos
+    assert [g[0] for g in cut.completions] == [g[0] for g in whole.completions]  # chosen untouched
+    assert cut.stats.rejected_cut == 2 and whole.stats.rejected_cut == 0

@@ -404,3 +404,25 @@ def test_tiny_policy_task_pairs_smoke(tmp_path):
     assert abs(res.history[0]["loss"] - math.log(2)) < 1e-6
     # a trained policy prefers the gold solution: its summed log-prob beats the wrong answer's
     assert res.history[0]["logps/chosen"] > res.history[0]["logps/rejected"]
+
+
+def test_drift_probe_measures_the_same_sequences_before_and_after(setup, tmp_path):
+    """train_summary's drift = (final policy - initial policy) summed log-probs on the first N groups, recomputed
+    here independently; DPO pushes the probe's rejected down relative to its chosen."""
+    tok, model, path = setup
+    initial = copy.deepcopy(model)
+    cfg = _cfg(path, tmp_path, micro_batch=4, max_steps=6, lr=3e-3, drift_probe=5, save_final=False)
+    res = Trainer(cfg, model=model, tokenizer=tok).train()
+    from pipeline.train.data import TokenizeConfig, encode_pairs
+    data = encode_pairs(_pair_table(), tok, TokenizeConfig())
+    with torch.no_grad():
+        before = row_logps(initial.eval(), collate(data, range(5), 0)).logps
+        after = row_logps(model.eval(), collate(data, range(5), 0)).logps
+    want = (after - before).view(2, 5).mean(1)  # rows: 5 chosen, then 5 rejected
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["drift"]["groups"] == 5 and res.drift == summary["drift"]
+    assert summary["drift"]["chosen"] == pytest.approx(float(want[0]), abs=1e-4)
+    assert summary["drift"]["rejected"] == pytest.approx(float(want[1]), abs=1e-4)
+    assert summary["drift"]["chosen"] - summary["drift"]["rejected"] > 0.5
+    off = _cfg(path, tmp_path / "b", micro_batch=4, max_steps=1, drift_probe=0)
+    assert Trainer(off, model=copy.deepcopy(initial), tokenizer=tok).train().drift is None

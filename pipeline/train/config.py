@@ -63,6 +63,9 @@ class TrainConfig(BaseModel):
     ref_cache_dir: str | None = Field(None, description="reference log-prob cache; None = <data folder>/refcache")
     ref_batch_size: int = Field(16, ge=1, description="groups per reference forward")
 
+    drift_probe: int = Field(256, ge=0, description="log-prob drift probe: the first N groups of the data are "
+                             "scored by the policy before and after training; train_summary.json gets the mean "
+                             "change per slot (chosen, rejected, ...) in nats. 0 = off")
     metrics_every: int = Field(1, ge=1, description="write a metrics.jsonl line every N optimizer steps")
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (None = only at the end)")
     save_final: bool = Field(True, description="save the final model + tokenizer into output_dir")

@@ -9,6 +9,9 @@ Tokenization (the same for the policy, the cached reference pass and every epoch
   ends with it).
 - prefix_as_prompt: the pair's shared_prefix is encoded once, appended to the prompt ids, and only the
   divergent suffix of chosen/rejected is scored (both sides see the same prefix tokens).
+- rejected_to_divergence: the rejected ids end at the first token where they differ from the chosen ids (the
+  common tokens before it are kept: under DPO's margin they cancel, and NLL sees only the chosen). A rejected
+  that is a prefix of the chosen one, or equal to it, is left whole.
 Identical prompts, prefixes and completions are encoded once per table (a dict of text -> ids).
 
 Truncation policy, per row, counted in `EncodeStats`:
@@ -45,6 +48,10 @@ class TokenizeConfig(BaseModel):
                               "(`chosen_is_terminal` / `rejected_is_terminal` false, e.g. tree step pairs); off: "
                               "such a completion is a step of a longer response, and EOS after it would teach "
                               "the model to stop there")
+    rejected_to_divergence: bool = Field(False, description="cut each rejected completion just after its first "
+                                         "token that differs from the chosen one (token-level step pairs: "
+                                         "what follows a wrong token is the policy's consistent continuation of "
+                                         "it, not a second mistake, so it is not pushed down)")
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -154,6 +161,7 @@ class EncodeStats:
     rows_dropped: int = 0          # prompt left no room for a completion token
     prompts_truncated: int = 0     # rows whose prompt was cut to max_prompt_length
     completions_truncated: int = 0  # completions cut at max_length (counted per sequence)
+    rejected_cut: int = 0          # rejected completions cut after their first divergent token
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -311,13 +319,28 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
     chosen = enc.completions_marked(chosen_text, _optional_flags(table, "chosen_is_terminal"), cfg.partial_eos)
     rejected = enc.completions_marked(rejected_text, _optional_flags(table, "rejected_is_terminal"),
                                       cfg.partial_eos)
+    rejected_full = rejected
+    if cfg.rejected_to_divergence:
+        rejected = [cut_at_divergence(c, r) for c, r in zip(chosen, rejected)]
     extra = None
     if rationales:
         _require(table, ("rationale", "rationale_prompt"), dict.fromkeys(("rationale", "rationale_prompt"), "string"),
                  file)
         rat_prompts = enc.prompts([enc.render_prompt(p) for p in table["rationale_prompt"].to_pylist()])
         extra = list(zip(rat_prompts, enc.completions(table["rationale"].to_pylist())))
-    return _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc, extra)
+    encoded = _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc, extra)
+    if cfg.rejected_to_divergence:
+        encoded.stats.rejected_cut = sum(len(cut_at_divergence(chosen[i], rejected_full[i])) < len(rejected_full[i])
+                                         for i in encoded.rows)
+    return encoded
+
+
+def cut_at_divergence(chosen: list[int], rejected: list[int]) -> list[int]:
+    """`rejected` up to and including its first token that differs from `chosen` (whole if none differs)."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    return rejected[:k + 1]
 
 
 def encode_sft(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None = None,

@@ -3,7 +3,11 @@
     output_dir/metrics.jsonl         one line per `metrics_every` steps, TRL's metric names
     output_dir/checkpoint-<step>/    every `save_every` steps (model.safetensors + tokenizer + trainer_state.json)
     output_dir/final/                the final model
-    output_dir/train_summary.json    config, data/truncation counts, reference cache, final metrics
+    output_dir/train_summary.json    config, data/truncation counts, reference cache, final metrics, log-prob drift
+
+Log-prob drift (`drift_probe`): the same first N groups of the data are scored by the policy before the first
+step and after the last one, so the change is measured on fixed sequences (the per-step `logps/*` metrics are on
+a different batch every step, so their first-to-last change mixes training with batch composition).
 
 Per optimizer step: `grad_accum` micro-batches of `micro_batch` groups; each micro-batch is ONE forward over all
 its sequences ([chosen ; rejected], or the K responses of each list). Every loss term is a sum over the global
@@ -30,7 +34,7 @@ from pipeline.train.data import Encoded, encode_lists, encode_pairs, encode_sft,
 from pipeline.train.forward import row_logps
 from pipeline.train.losses import BATCH_COUPLED_TYPES, ListBatch, LossState, PairBatch, list_loss, pair_loss
 from pipeline.train.losses.types import REFERENCE_FREE_TYPES
-from pipeline.train.refcache import reference_logps, state_dict_hash
+from pipeline.train.refcache import compute_ref_logps, reference_logps, state_dict_hash
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class TrainResult:
     output_dir: Path | None = None
     ref_reused: bool | None = None
     ref_forwards: int = 0
+    drift: dict | None = None
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -227,6 +232,32 @@ class Trainer:
         # a missing confidence means an unsmoothed label (1.0), as with label_smoothing = 0
         return self._group_tensor(batch, np.nan_to_num(col[self.data.rows], nan=1.0))
 
+    def probe_logps(self) -> np.ndarray | None:
+        """[N, K] summed log-probs of the current policy on the first `drift_probe` groups (NaN: missing slot)."""
+        n = min(self.cfg.drift_probe, len(self.data))
+        if n == 0:
+            return None
+        d = self.data
+        sub = Encoded(d.rows[:n], d.prompts[:n], d.completions[:n])
+        per, _ = compute_ref_logps(self.model, sub, self.pad_id, self.cfg.ref_batch_size, self.device,
+                                   self.autocast, self.cfg.head_chunk_tokens, self.cfg.share_prompt)
+        out = np.full((n, max(map(len, per))), np.nan)
+        for i, g in enumerate(per):
+            out[i, :len(g)] = g
+        return out
+
+    def drift(self, before: np.ndarray | None, after: np.ndarray | None) -> dict | None:
+        """Mean per-slot change (nats per sequence) on the probe; slot names as the data kind has them."""
+        if before is None or after is None:
+            return None
+        names = {"pairs": ["chosen", "rejected"], "sft": ["chosen"]}.get(self.kind)
+        delta = after - before
+        out = {"groups": int(delta.shape[0])}
+        for k in range(delta.shape[1]):
+            col = delta[:, k][~np.isnan(delta[:, k])]
+            out[names[k] if names and k < len(names) else f"slot{k}"] = float(col.mean()) if col.size else None
+        return out
+
     # ------------------------------------------------------------------------------------------------ loop
     def _schedule(self) -> list[list[int]]:
         """The global batches (lists of group indices) for the whole run."""
@@ -308,6 +339,7 @@ class Trainer:
         per_epoch = math.ceil(len(self.data) / (cfg.micro_batch * cfg.grad_accum))
         bar = _progress(len(schedule), cfg.progress)
         start = self.resume(optimizer)  # 0, or the step of the checkpoint in cfg.resume_from
+        probe_before = self.probe_logps() if start == 0 else None  # a resumed run has no "before"
         with open(out / "metrics.jsonl", "a" if start else "w") if self.is_main else open(os.devnull, "w") \
                 as metrics_file:
             for i, groups in enumerate(schedule):
@@ -329,11 +361,13 @@ class Trainer:
                     self.save(out / f"checkpoint-{i + 1}", self._state(i + 1, m), optimizer)
         if bar is not None:
             bar.close()
+        drift = self.drift(probe_before, self.probe_logps() if probe_before is not None else None)
+        result.drift = drift
         if cfg.save_final:
             self.save(out / "final", self._state(len(schedule), result.history[-1]))
         summary = {"config": cfg.model_dump(mode="json"), "kind": self.kind, "groups": len(self.data),
                    "encode": self.data.stats.as_dict(), "reference": self.ref_info, "steps": len(schedule),
-                   "last": result.history[-1] if result.history else None}
+                   "last": result.history[-1] if result.history else None, "drift": drift}
         if self.is_main:
             (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return result
