@@ -34,7 +34,7 @@ from pipeline.train.data import Encoded, encode_lists, encode_pairs, encode_sft,
 from pipeline.train.forward import row_logps
 from pipeline.train.losses import BATCH_COUPLED_TYPES, ListBatch, LossState, PairBatch, list_loss, pair_loss
 from pipeline.train.losses.types import REFERENCE_FREE_TYPES
-from pipeline.train.refcache import compute_ref_logps, reference_logps, state_dict_hash
+from pipeline.train.refcache import reference_logps, state_dict_hash
 
 log = logging.getLogger(__name__)
 
@@ -232,18 +232,25 @@ class Trainer:
         # a missing confidence means an unsmoothed label (1.0), as with label_smoothing = 0
         return self._group_tensor(batch, np.nan_to_num(col[self.data.rows], nan=1.0))
 
+    @torch.no_grad()
     def probe_logps(self) -> np.ndarray | None:
-        """[N, K] summed log-probs of the current policy on the first `drift_probe` groups (NaN: missing slot)."""
+        """[N, K] summed log-probs of the current policy on the first `drift_probe` groups (NaN: missing slot).
+        Goes through `self.logps`, so under torchrun every rank runs the same forwards of the wrapped model."""
         n = min(self.cfg.drift_probe, len(self.data))
         if n == 0:
             return None
-        d = self.data
-        sub = Encoded(d.rows[:n], d.prompts[:n], d.completions[:n])
-        per, _ = compute_ref_logps(self.model, sub, self.pad_id, self.cfg.ref_batch_size, self.device,
-                                   self.autocast, self.cfg.head_chunk_tokens, self.cfg.share_prompt)
-        out = np.full((n, max(map(len, per))), np.nan)
-        for i, g in enumerate(per):
-            out[i, :len(g)] = g
+        k = max(len(c) for c in self.data.completions[:n])
+        out = np.full((n, k), np.nan)
+        was_training = self.model.training
+        self.model.eval()
+        for s in range(0, n, self.cfg.ref_batch_size):
+            idx = list(range(s, min(n, s + self.cfg.ref_batch_size)))
+            batch = collate(self.data, idx, self.pad_id, self.cfg.share_prompt, with_extra=False).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                                enabled=self.autocast is not None):
+                per = batch.scatter(self.logps(batch).logps.double(), fill=float("nan")).cpu().numpy()
+            out[idx, :per.shape[1]] = per
+        self.model.train(was_training)
         return out
 
     def drift(self, before: np.ndarray | None, after: np.ndarray | None) -> dict | None:
