@@ -97,7 +97,7 @@ def train_config(model: str, data: Path, out: Path, dev: torch.device, dtype: st
     return TrainConfig(model=model, data=str(data), output_dir=str(out), device=dev.type, dtype=dtype,
                        micro_batch=micro_batch, grad_accum=1, max_steps=steps, lr=lr, seed=0, save_final=False,
                        progress=False, ref_cache_dir=str(out / "refcache"), threads=1 if dev.type == "cpu" else None,
-                       tokenize={"max_length": 1024})
+                       tokenize={"max_length": 1024}, drift_probe=0)
 
 
 def matmul_params(model) -> tuple[int, int]:
