@@ -426,3 +426,26 @@ def test_drift_probe_measures_the_same_sequences_before_and_after(setup, tmp_pat
     assert summary["drift"]["chosen"] - summary["drift"]["rejected"] > 0.5
     off = _cfg(path, tmp_path / "b", micro_batch=4, max_steps=1, drift_probe=0)
     assert Trainer(off, model=copy.deepcopy(initial), tokenizer=tok).train().drift is None
+
+
+@pytest.mark.parametrize("loss", [{}, {"loss_type": "sft"}])
+def test_pair_filter_hard_keeps_the_pairs_the_reference_ranks_wrong(setup, tmp_path, loss):
+    """pair_filter hard: exactly the pairs with ref log p(rejected) >= ref log p(chosen), recomputed here; the
+    reference is computed even for the NLL-only loss, which does not otherwise need it."""
+    tok, model, path = setup
+    from pipeline.train.data import TokenizeConfig, encode_pairs
+    data = encode_pairs(_pair_table(), tok, TokenizeConfig())
+    with torch.no_grad():
+        lp = row_logps(copy.deepcopy(model).eval(), collate(data, range(16), 0)).logps.view(2, 16)
+    want = [i for i in range(16) if lp[1, i] >= lp[0, i]]
+    assert 0 < len(want) < 16  # the golden input has both kinds
+    cfg = _cfg(path, tmp_path, micro_batch=4, max_steps=2, pair_filter="hard", loss=loss, shuffle=False)
+    t = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok)
+    res = t.train()
+    assert t.data.rows.tolist() == want and len(t.ref) == len(want)
+    assert res.ref_forwards > 0
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["groups"] == len(want)
+    assert summary["reference"]["pair_filter"] == {"kind": "hard", "kept": len(want), "of": 16}
+    with pytest.raises(ValueError, match="pair_filter applies to preference pairs"):
+        _cfg(path, tmp_path, mode="sft", pair_filter="hard")

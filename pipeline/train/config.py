@@ -26,6 +26,10 @@ class TrainConfig(BaseModel):
     sft_column: str | None = Field(
         None, description="mode sft: the column to train on (e.g. `gold` of a bundled-task prompts table); "
         "None = `completion`, else `chosen`")
+    pair_filter: Literal["none", "hard"] = Field(
+        "none", description="hard: train only on the pairs the reference ranks wrong (log p_ref(rejected) >= "
+        "log p_ref(chosen)), i.e. the mistakes the policy itself is likely to make; computes the reference "
+        "log-probs even for losses that do not use them")
     output_dir: str = Field("runs/train", description="checkpoints, metrics.jsonl and the final model")
 
     loss: LossConfig = Field(default_factory=LossConfig, description="pairwise loss (sigmoid DPO, beta 0.1)")
@@ -85,6 +89,8 @@ class TrainConfig(BaseModel):
             raise ValueError("mode sft trains on pairs' chosen side or a completion column, not ranked lists")
         if self.sft_column is not None and self.mode != "sft":
             raise ValueError("sft_column applies to mode sft only")
+        if self.pair_filter != "none" and self.mode == "sft":
+            raise ValueError("pair_filter applies to preference pairs, not mode sft")
         if self.share_prompt and self.attn_implementation == "flash_attention_2":
             raise ValueError("share_prompt needs a block attention mask, which flash_attention_2 cannot take: "
                              "use sdpa or eager")

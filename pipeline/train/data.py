@@ -185,6 +185,12 @@ class Encoded:
     def num_tokens(self) -> int:
         return sum(len(p) * len(c) + sum(map(len, c)) for p, c in zip(self.prompts, self.completions))
 
+    def subset(self, keep: list[int]) -> "Encoded":
+        """The groups at positions `keep` (same stats: they describe the encoding of the whole table)."""
+        return Encoded(self.rows[keep], [self.prompts[i] for i in keep], [self.completions[i] for i in keep],
+                       [self.scores[i] for i in keep] if self.scores is not None else None, self.stats,
+                       [self.extra[i] for i in keep] if self.extra is not None else None)
+
 
 class PieceEncoder:
     """Encodes prompts and completions with one tokenizer; each distinct text is tokenized once."""

@@ -153,6 +153,8 @@ class Trainer:
             return False
         if self.kind == "lists":
             return not self.cfg.list_loss.reference_free and self.cfg.list_loss.loss_type != "pro"
+        if self.cfg.pair_filter != "none":
+            return True
         loss = self.cfg.loss
         return not loss.reference_free and any(t not in REFERENCE_FREE_TYPES for t in loss.loss_types)
 
@@ -189,6 +191,18 @@ class Trainer:
         for i, g in enumerate(res.per_group):
             self.ref[i, :len(g)] = g
         self.ref_info = {"path": str(res.path), "reused": res.reused, "forwards": res.forwards}
+        if self.cfg.pair_filter == "hard" and self.kind == "pairs":
+            self._keep_hard_pairs()
+
+    def _keep_hard_pairs(self) -> None:
+        """Drop the pairs the reference already ranks right (the data and its cached reference columns alike)."""
+        keep = np.flatnonzero(self.ref[:, 1] >= self.ref[:, 0]).tolist()
+        self.ref_info["pair_filter"] = {"kind": "hard", "kept": len(keep), "of": len(self.data)}
+        if not keep:
+            raise InputError("pair_filter hard: the reference ranks every pair right, nothing left to train on",
+                             file=self.cfg.data)
+        log.info("pair_filter hard: %d of %d pairs kept", len(keep), len(self.data))
+        self.data, self.ref = self.data.subset(keep), self.ref[keep]
 
     # ------------------------------------------------------------------------------------------------ loss
     def _group_tensor(self, batch: Batch, values: np.ndarray) -> torch.Tensor:
