@@ -224,13 +224,13 @@ def compare(results: list[dict]) -> list[dict]:
     ok = [r for r in results if "error" not in r]
     variants = sorted({r["variant"] for r in ok})
     side = {r["variant"]: (r["side"], r["opts"]) for r in ok}
+    get = {(r["variant"], r["round"]): r for r in ok}
     out = []
     for a in (v for v in variants if side[v][0] == "ours"):
         for b in (v for v in variants if side[v][0] == "trl"):
-            rounds = sorted({r["round"] for r in ok if r["variant"] == a} & {r["round"] for r in ok if r["variant"] == b})
+            rounds = sorted({i for v, i in get if v == a} & {i for v, i in get if v == b})
             if not rounds:
                 continue
-            get = {(r["variant"], r["round"]): r for r in ok}
             ratio = {k: statistics.median(get[(a, i)][k] / get[(b, i)][k] for i in rounds)
                      for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")}
             text = (f"ours {side[a][1]} vs trl {side[b][1]}: tokens/s x{ratio['tokens_per_s']:.2f} (per CPU-second "

@@ -336,8 +336,7 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
         extra = list(zip(rat_prompts, enc.completions(table["rationale"].to_pylist())))
     encoded = _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc, extra)
     if cfg.rejected_to_divergence:
-        encoded.stats.rejected_cut = sum(len(cut_at_divergence(chosen[i], rejected_full[i])) < len(rejected_full[i])
-                                         for i in encoded.rows)
+        encoded.stats.rejected_cut = sum(len(rejected[i]) < len(rejected_full[i]) for i in encoded.rows)
     return encoded
 
 

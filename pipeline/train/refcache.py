@@ -91,9 +91,10 @@ class RefLogps:
 @torch.no_grad()
 def compute_ref_logps(model, data: Encoded, pad_id: int, batch_groups: int = 16, device="cpu",
                       autocast_dtype: torch.dtype | None = None, chunk_tokens: int = 1024,
-                      share_prompt: bool = False) -> tuple[list[list[float]], int]:
+                      share_prompt: bool = False, logps_fn=None) -> tuple[list[list[float]], int]:
     """Summed completion log-probs of every completion, in one no-grad pass. Groups are batched in length
-    order so padding stays small. Returns (per-group lists, number of forwards)."""
+    order so padding stays small. `logps_fn(batch)` replaces the plain `row_logps(model, ...)` call (the trainer
+    passes its hook, which under torchrun runs the wrapped model). Returns (per-group lists, forwards)."""
     was_training = model.training
     model.eval()
     order = np.argsort([len(p) + max(map(len, c)) for p, c in zip(data.prompts, data.completions)],
@@ -105,7 +106,7 @@ def compute_ref_logps(model, data: Encoded, pad_id: int, batch_groups: int = 16,
         batch = collate(data, idx, pad_id, share_prompt, with_extra=False).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            res = row_logps(model, batch, chunk_tokens=chunk_tokens)
+            res = logps_fn(batch) if logps_fn is not None else row_logps(model, batch, chunk_tokens=chunk_tokens)
         forwards += 1
         per = batch.scatter(res.logps.double(), fill=float("nan")).cpu()
         for b, gi in enumerate(idx):

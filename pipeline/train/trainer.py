@@ -34,7 +34,7 @@ from pipeline.train.data import Encoded, encode_lists, encode_pairs, encode_sft,
 from pipeline.train.forward import row_logps
 from pipeline.train.losses import BATCH_COUPLED_TYPES, ListBatch, LossState, PairBatch, list_loss, pair_loss
 from pipeline.train.losses.types import REFERENCE_FREE_TYPES
-from pipeline.train.refcache import reference_logps, state_dict_hash
+from pipeline.train.refcache import compute_ref_logps, reference_logps, state_dict_hash
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,7 @@ class Trainer:
                               batch_groups=self.cfg.ref_batch_size, device=self.device,
                               autocast_dtype=self.autocast, chunk_tokens=self.cfg.head_chunk_tokens,
                               share_prompt=self.cfg.share_prompt)
-        k = max(len(g) for g in res.per_group)
-        self.ref = np.full((len(res.per_group), k), np.nan)
-        for i, g in enumerate(res.per_group):
-            self.ref[i, :len(g)] = g
+        self.ref = _padded(res.per_group)
         self.ref_info = {"path": str(res.path), "reused": res.reused, "forwards": res.forwards}
         if self.cfg.pair_filter == "hard" and self.kind == "pairs":
             self._keep_hard_pairs()
@@ -246,26 +243,16 @@ class Trainer:
         # a missing confidence means an unsmoothed label (1.0), as with label_smoothing = 0
         return self._group_tensor(batch, np.nan_to_num(col[self.data.rows], nan=1.0))
 
-    @torch.no_grad()
     def probe_logps(self) -> np.ndarray | None:
         """[N, K] summed log-probs of the current policy on the first `drift_probe` groups (NaN: missing slot).
         Goes through `self.logps`, so under torchrun every rank runs the same forwards of the wrapped model."""
         n = min(self.cfg.drift_probe, len(self.data))
         if n == 0:
             return None
-        k = max(len(c) for c in self.data.completions[:n])
-        out = np.full((n, k), np.nan)
-        was_training = self.model.training
-        self.model.eval()
-        for s in range(0, n, self.cfg.ref_batch_size):
-            idx = list(range(s, min(n, s + self.cfg.ref_batch_size)))
-            batch = collate(self.data, idx, self.pad_id, self.cfg.share_prompt, with_extra=False).to(self.device)
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                                enabled=self.autocast is not None):
-                per = batch.scatter(self.logps(batch).logps.double(), fill=float("nan")).cpu().numpy()
-            out[idx, :per.shape[1]] = per
-        self.model.train(was_training)
-        return out
+        per, _ = compute_ref_logps(self.model, self.data.subset(list(range(n))), self.pad_id,
+                                   self.cfg.ref_batch_size, self.device, self.autocast,
+                                   share_prompt=self.cfg.share_prompt, logps_fn=self.logps)
+        return _padded(per)
 
     def drift(self, before: np.ndarray | None, after: np.ndarray | None) -> dict | None:
         """Mean per-slot change (nats per sequence) on the probe; slot names as the data kind has them."""
@@ -413,6 +400,14 @@ class Trainer:
 
     def _state(self, step: int, last: dict) -> dict:
         return {"step": step, "config": self.cfg.model_dump(mode="json"), "last_metrics": last}
+
+
+def _padded(per_group: list[list[float]]) -> np.ndarray:
+    """Per-group lists of log-probs -> [groups, K] float64, NaN where a group has fewer completions."""
+    out = np.full((len(per_group), max(map(len, per_group))), np.nan)
+    for i, g in enumerate(per_group):
+        out[i, :len(g)] = g
+    return out
 
 
 def _progress(total: int, enabled: bool):
