@@ -82,6 +82,14 @@ class EvalStep(_Strict):
     batch_size: int = Field(64, ge=1)
     max_tokens: int = Field(192, ge=1, description="new tokens per eval answer")
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples for Δ intervals")
+    compare_with: dict[str, str] = Field(
+        default_factory=dict, description="label -> eval JSON of another run (`<output_dir>/eval/<arm>.json`, "
+        "relative to the working directory) on the same eval problems; the report compares every arm with it "
+        "(paired, like a baseline arm) and errors when its problems differ")
+    pools: dict[str, list[str]] = Field(
+        default_factory=dict, description="pool label -> models (`base`, arm names, compare_with labels), e.g. "
+        "the seeds of one setting; the report compares each pool with every earlier one and with base on the "
+        "per-problem mean accuracy over its models (paired bootstrap over problems)")
 
 
 class ExportStep(_Strict):
@@ -131,6 +139,12 @@ class RunConfig(_Strict):
         names = [a.name for a in self.train]
         if len(set(names)) != len(names):
             raise ValueError("train arm names must be unique")
+        known = {"base", *names, *(self.eval.compare_with if self.eval else {})}
+        for pool, members in (self.eval.pools if self.eval else {}).items():
+            unknown = [m for m in members if m not in known]
+            if unknown or not members:
+                raise ValueError(f"eval pool {pool!r}: {unknown or 'no models'} not base, a train arm or a "
+                                 f"compare_with label")
         return self
 
     def stage(self, stage_id: str) -> StageStep:

@@ -14,10 +14,12 @@ import numpy as np
 from flows.config import RunConfig
 from flows.steps import model_labels, run_dir
 from pipeline.store import RunStore, atomic_write_bytes
+from schemas.errors import InputError
 
 
-def paired_delta(a: list[bool], b: list[bool], resamples: int = 2000, seed: int = 0) -> dict:
-    """Δ = mean(b) − mean(a) over the same problems, with a paired bootstrap 95 % interval (in points)."""
+def paired_delta(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Δ = mean(b) − mean(a) over the same problems, with a paired bootstrap 95 % interval (in points). Entries
+    are per-problem correctness (bools) or, for pools, per-problem mean correctness over several models."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(x) != len(y) or not len(x):
         raise ValueError("paired_delta needs two equal-length, non-empty correctness vectors")
@@ -34,6 +36,36 @@ def _load_evals(cfg: RunConfig) -> dict[str, dict]:
         p = run_dir(cfg) / "eval" / f"{label}.json"
         if p.exists():
             out[label] = json.loads(p.read_text())
+    return out
+
+
+def _load_external(cfg: RunConfig, evals: dict[str, dict], missing: dict[str, str]) -> dict[str, dict]:
+    """`eval.compare_with`: evals of other runs. Paired comparisons need the same problems, so each file's
+    problem ids must equal this run's base eval's (or, without one, those of any eval of this run). Files that
+    do not exist yet go to `missing` (the report lists them); unreadable or mismatched ones are errors."""
+    ext = (cfg.eval.compare_with if cfg.eval else {}) or {}
+    if not ext:
+        return {}
+    own = evals.get("base") or next(iter(evals.values()), None)
+    want = set(_correct_by_id(own)) if own else None
+    out = {}
+    for label, path in ext.items():
+        if label in evals:
+            raise InputError(f"compare_with label {label!r} is also an arm of this run", column="eval.compare_with")
+        p = Path(path)
+        if not p.exists():  # the other run has not evaluated that arm yet: the report says so, no comparison
+            missing[label] = str(p)
+            continue
+        try:
+            ev = json.loads(p.read_text())
+            got = set(_correct_by_id(ev))
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"not a prefpipe eval file ({type(e).__name__}: {e})", file=str(p)) from None
+        if want is not None and got != want:
+            raise InputError(f"its {len(got)} problems are not this run's {len(want)} eval problems "
+                             f"({len(got - want)} not in this run); a paired comparison needs the same problems",
+                             file=str(p), column="per_problem")
+        out[label] = ev
     return out
 
 
@@ -188,15 +220,19 @@ def _drift(info: dict) -> dict:
 
 def build_summary(cfg: RunConfig) -> dict:
     evals = _load_evals(cfg)
-    roles = {a.name: a.role for a in cfg.train}
-    summary = {"name": cfg.name, "model": cfg.model, "evals": {}, "deltas": {}, "stages": {}, "train": {}}
+    missing: dict[str, str] = {}
+    external = _load_external(cfg, evals, missing)
+    evals.update(external)
+    roles = {a.name: a.role for a in cfg.train} | {k: "other run" for k in external}
+    summary = {"name": cfg.name, "model": cfg.model, "evals": {}, "deltas": {}, "stages": {}, "train": {},
+               "compare_missing": missing}
     for label, ev in evals.items():
         summary["evals"][label] = {k: ev[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
         summary["evals"][label]["role"] = roles.get(label, "base")
     base = evals.get("base")
-    comparators = ["base"] + [a.name for a in cfg.train if a.role in ("control", "baseline")]
+    comparators = ["base"] + [a.name for a in cfg.train if a.role in ("control", "baseline")] + list(external)
     for label, ev in evals.items():
-        if label == "base":
+        if label == "base" or label in external:
             continue
         for ref in comparators:
             if ref == label or ref not in evals:
@@ -205,6 +241,7 @@ def build_summary(cfg: RunConfig) -> dict:
             ids = [i for i in a if i in b]
             summary["deltas"][f"{label} vs {ref}"] = paired_delta(
                 [a[i] for i in ids], [b[i] for i in ids], resamples=cfg.eval.bootstrap if cfg.eval else 2000)
+    _pools(cfg, evals, summary)
     for arm in cfg.train:
         p = run_dir(cfg) / "train" / arm.name / "train_summary.json"
         info = json.loads(p.read_text()) if p.exists() else {}
@@ -213,6 +250,35 @@ def build_summary(cfg: RunConfig) -> dict:
                                       "last": info.get("last")}
     del base
     return summary
+
+
+def _pools(cfg: RunConfig, evals: dict[str, dict], summary: dict) -> None:
+    """eval.pools: per-problem mean correctness over each pool's models, compared pool by pool (each with every
+    earlier pool, and with base). A pool with a model not evaluated yet is listed in `pools_missing`."""
+    pools = (cfg.eval.pools if cfg.eval else {}) or {}
+    summary["pools"], summary["pool_deltas"], summary["pools_missing"] = {}, {}, {}
+    vec: dict[str, dict[str, float]] = {}
+    for name, members in pools.items():
+        absent = [m for m in members if m not in evals]
+        if absent:
+            summary["pools_missing"][name] = absent
+            continue
+        per = [_correct_by_id(evals[m]) for m in members]
+        ids = [i for i in per[0] if all(i in p for p in per)]
+        vec[name] = {i: sum(p[i] for p in per) / len(per) for i in ids}
+        summary["pools"][name] = {"models": members, "accuracy": float(np.mean(list(vec[name].values()))),
+                                  "n": len(ids)}
+    if "base" in evals:
+        vec_base = {i: float(c) for i, c in _correct_by_id(evals["base"]).items()}
+    names = list(vec)
+    for j, name in enumerate(names):
+        refs = [("base", vec_base)] if "base" in evals and pools[name] != ["base"] else []
+        refs += [(n, vec[n]) for n in names[:j]]
+        for ref, rv in refs:
+            ids = [i for i in rv if i in vec[name]]
+            summary["pool_deltas"][f"{name} vs {ref}"] = paired_delta(
+                [rv[i] for i in ids], [vec[name][i] for i in ids],
+                resamples=cfg.eval.bootstrap if cfg.eval else 2000)
 
 
 def write_report(cfg: RunConfig, config_path: Path) -> Path:
@@ -249,6 +315,20 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
                 sig = "yes" if d["ci_low_pp"] > 0 or d["ci_high_pp"] < 0 else "no"
                 lines.append(f"| {k} | {d['delta_pp']:+.1f} | [{d['ci_low_pp']:+.1f}, {d['ci_high_pp']:+.1f}] "
                              f"| {sig} |")
+        if s.get("pools"):
+            lines += ["", "### Pools (per-problem mean over each pool's models, paired bootstrap 95 % CI)", "",
+                      "| pool | models | mean accuracy |", "|---|---|---|"]
+            for k, p in s["pools"].items():
+                lines.append(f"| {k} | {', '.join(p['models'])} | {100 * p['accuracy']:.1f} % |")
+            lines += ["", "| comparison | Δ (pp) | 95 % CI | significant |", "|---|---|---|---|"]
+            for k, d in s["pool_deltas"].items():
+                sig = "yes" if d["ci_low_pp"] > 0 or d["ci_high_pp"] < 0 else "no"
+                lines.append(f"| {k} | {d['delta_pp']:+.1f} | [{d['ci_low_pp']:+.1f}, {d['ci_high_pp']:+.1f}] "
+                             f"| {sig} |")
+        for k, absent in (s.get("pools_missing") or {}).items():
+            lines.append(f"Pool `{k}` not compared: no eval yet for {', '.join(absent)}.")
+        for label, path in (s.get("compare_missing") or {}).items():
+            lines.append(f"Not compared with `{label}`: `{path}` does not exist yet (run that config first).")
         lines.append("")
     if s["train"]:
         lines += ["## Training arms", "", "Δ logp: the final model minus the starting policy, summed log-prob per "

@@ -10,7 +10,10 @@ Modes:
   step k; it is replaced by the correct line computed from the problem (gold step k, or `Answer: N` when only the
   answer line is wrong); the model continues greedily from there. chosen = prefix + corrected line +
   continuation, rejected = prefix + the original wrong line (+ the original remainder with
-  `rejected_keep_remainder`). Pairs whose chosen does not verify are kept only as `filtered` rows.
+  `rejected_keep_remainder`). A rejected that stops after a wrong step line is marked `rejected_is_terminal`
+  false, so the trainer adds no EOS after it (an EOS mid-solution is a token the policy never emits there, and
+  pushing it further down only moves mass onto other tokens). Pairs whose chosen does not verify are kept only as
+  `filtered` rows.
 - `safety_trigger`: rows with `kind` = harmful (or no `kind` column) get the first compliance-cue sentence
   replaced by a trigger from `data/triggers.yaml` (uniformly, without replacement per trajectory); when the new
   continuation still shows a cue it is replaced again, up to `max_interventions`. Rows with `kind` = benign give
@@ -62,13 +65,15 @@ STAGE_FIELDS = [
     pa.field("detector_model", pa.string()),
     pa.field("wrong_step", pa.int16()),             # math: 1-based first wrong step (n_steps + 1 = answer line)
     pa.field("chosen_verified", pa.bool_()),        # math: chosen passes the step verifier
+    pa.field("chosen_is_terminal", pa.bool_()),     # math: false for a side that stops mid-solution (the trainer
+    pa.field("rejected_is_terminal", pa.bool_()),   # then adds no EOS after it, as for tree step pairs)
     pa.field("sample_index", pa.int16()),
     pa.field("meta", pa.string()),                  # the task record, carried so later stages can verify
 ]
 
 
 class InterventionConfig(StageConfig):
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: chosen/rejected_is_terminal (no EOS after a rejected line mid-solution)
 
     mode: Literal["math_correction", "safety_trigger"] = Field(
         "math_correction", description="math_correction: replace the first wrong step by the right one (bundled "
@@ -445,8 +450,11 @@ def _trajectory_row(t: Trajectory, r: dict, cfg, backend, ctx, created, patterns
                trigger_text=t.substitute, n_interventions=t.n_interventions, wrong_step=t.wrong_step,
                chosen_verified=t.verified, extra={"divergence_fraction": t.start / max(1, len(t.text))})
     if cfg.mode == "math_correction":
+        # prefix + the wrong line stops mid-solution unless that line is the answer line (or the remainder is kept)
+        n_steps = task_problem(r).n_steps
         row.update(chosen_score=1.0 if t.verified else 0.0, rejected_score=0.0,
-                   score_margin=(1.0 if t.verified else 0.0))
+                   score_margin=(1.0 if t.verified else 0.0), chosen_is_terminal=True,
+                   rejected_is_terminal=bool(cfg.rejected_keep_remainder or t.wrong_step > n_steps))
     else:
         row["rejected_reasoning_harmful"], row["rejected_answer_harmful"] = _harmful(t.text, patterns)
         row["chosen_reasoning_harmful"], row["chosen_answer_harmful"] = _harmful(t.chosen[len(t.prefix):], patterns)

@@ -183,3 +183,76 @@ def test_verifier_agreement_counts_each_label_kind(tmp_path):
                       "rejected": [r[1] for r in rows], "status": [r[3] for r in rows]})
     got = _verifier_agreement(_task_problems(cfg), table)
     assert got == {"agree": 2, "both_right": 1, "both_wrong": 1, "inverted": 1, "n": 5, "agree_share": 0.4}
+
+
+def _eval_file(path: Path, correct: list[bool], ids: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, "correct": c, "output": ""} for i, c in zip(ids, correct)]
+    n = len(rows)
+    path.write_text(json.dumps({"accuracy": sum(correct) / n, "ci_low": 0.0, "ci_high": 1.0, "n": n,
+                                "correct": sum(correct), "per_problem": rows, "model": "m", "label": path.stem}))
+
+
+def test_report_compares_with_another_runs_eval(tmp_path):
+    """eval.compare_with: an arm of another run enters the paired comparisons (by problem id, whatever the
+    order), a file not written yet is listed as missing, and one on other problems is an error naming it."""
+    from flows.report import _markdown, build_summary
+
+    ids = [f"p{i}" for i in range(10)]
+    other = tmp_path / "other" / "eval" / "naive.json"
+    _eval_file(other, [True] * 2 + [False] * 8, ids[::-1])       # 2 right: p9, p8
+    cfg_path = write_config(tmp_path, stages=[{"id": "pairs", "stage": "toy-pairs"}],
+                            train=[{"name": "arm", "data": "pairs"}],
+                            eval={"compare_with": {"other/naive": str(other),
+                                                   "other/later": str(tmp_path / "nope.json")}})
+    cfg, _ = load_run_config(cfg_path)
+    run = Path(cfg.output_dir) / "eval"
+    _eval_file(run / "base.json", [True] * 5 + [False] * 5, ids)         # p0-p4 right
+    _eval_file(run / "arm.json", [True] * 7 + [False] * 3, ids)          # p0-p6 right
+    s = build_summary(cfg)
+    d = s["deltas"]["arm vs other/naive"]
+    assert d["n"] == 10 and d["delta_pp"] == pytest.approx(50.0)         # 0.7 - 0.2
+    by_id = paired_delta([i in ("p8", "p9") for i in ids], [i < "p7" for i in ids])  # paired by id, not order
+    assert (d["ci_low_pp"], d["ci_high_pp"]) == (by_id["ci_low_pp"], by_id["ci_high_pp"])
+    assert s["deltas"]["arm vs base"]["delta_pp"] == pytest.approx(20.0)
+    assert "other/naive vs base" not in s["deltas"]
+    assert s["evals"]["other/naive"]["role"] == "other run"
+    assert s["compare_missing"] == {"other/later": str(tmp_path / "nope.json")}
+    assert "does not exist yet" in _markdown(cfg, s, [], cfg_path)
+    _eval_file(other, [True] * 9, ids[:9])                                # one problem short
+    with pytest.raises(InputError, match=r"naive\.json.*9 problems are not this run's 10"):
+        build_summary(cfg)
+
+
+def test_report_pools_average_seeds_per_problem(tmp_path):
+    """eval.pools: per-problem mean correctness over a pool's models, compared with base and earlier pools;
+    a pool naming an unknown model fails at config load; one with an eval missing is listed, not compared."""
+    from flows.report import _markdown, build_summary
+
+    ids = [f"p{i}" for i in range(8)]
+    arms = [{"name": n, "data": "pairs"} for n in ("a1", "a2", "b1", "b2", "c1")]
+    cfg_path = write_config(tmp_path, stages=[{"id": "pairs", "stage": "toy-pairs"}], train=arms,
+                            eval={"pools": {"A": ["a1", "a2"], "B": ["b1", "b2"], "C": ["c1", "late"]}})
+    with pytest.raises(InputError, match=r"eval pool 'C': \['late'\] not base"):
+        load_run_config(cfg_path)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["train"].append({"name": "late", "data": "pairs"})
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg, _ = load_run_config(cfg_path)
+    run = Path(cfg.output_dir) / "eval"
+    right = {"base": "p0 p1", "a1": "p0 p1 p2", "a2": "p0 p1 p3", "b1": "p0 p1 p2 p3 p4", "b2": "p0 p1 p2 p3",
+             "c1": "p0"}
+    for name, r in right.items():
+        _eval_file(run / f"{name}.json", [i in r.split() for i in ids], ids)
+    s = build_summary(cfg)
+    assert s["pools"]["A"]["accuracy"] == pytest.approx(3 / 8) and s["pools"]["B"]["accuracy"] == pytest.approx(4.5 / 8)
+    a = [1, 1, .5, .5, 0, 0, 0, 0]
+    b = [1, 1, 1, 1, .5, 0, 0, 0]
+    want = paired_delta(a, b)
+    got = s["pool_deltas"]["B vs A"]
+    assert got["delta_pp"] == pytest.approx(100 * 1.5 / 8) and got["ci_low_pp"] == want["ci_low_pp"]
+    assert s["pool_deltas"]["A vs base"]["delta_pp"] == pytest.approx(100 * 1 / 8)
+    assert set(s["pool_deltas"]) == {"A vs base", "B vs base", "B vs A"}
+    assert s["pools_missing"] == {"C": ["late"]}
+    md = _markdown(cfg, s, [], cfg_path)
+    assert "| B vs A | +18.8 |" in md and "Pool `C` not compared: no eval yet for late." in md

@@ -107,6 +107,9 @@ def test_math_correction_gives_exactly_these_pairs(tmp_path):
                        compliance_cue=f"Answer: {p.answer + 1}", trigger_text=f"Answer: {p.answer}"))
     assert [{k: r[k] for k in expect[0]} for r in ok] == expect
     assert all(r["chosen_verified"] and r["pair_kind"] == "correction" and r["stage"] == "intervened" for r in ok)
+    # a rejected wrong step stops mid-solution (no EOS in training); a rejected answer line ends the response
+    assert [(r["chosen_is_terminal"], r["rejected_is_terminal"]) for r in ok] == \
+        [(True, False), (True, True), (True, False), (True, True), (True, True)]
     errors = Counter(r["error"] for r in out.to_pylist() if r["status"] == "filtered")
     assert errors == {"sample already verifies (no wrong step)": 3, "duplicate of another sample's pair": 2,
                       "corrected continuation does not verify": 2}
@@ -132,6 +135,7 @@ def test_rejected_keeps_the_remainder_when_asked_and_unverified_pairs_can_be_kep
                   keep_unverified=True)
     ok = out.filter(pc.equal(out["status"], "ok")).to_pylist()
     assert ok[0]["rejected"] == wrong_at_step2(probs[0])
+    assert all(r["rejected_is_terminal"] for r in ok)                 # the whole original text
     assert [r["chosen_verified"] for r in ok] == [True, True, False, True]
     assert [r["chosen_score"] for r in ok] == [1.0, 1.0, 0.0, 1.0]
 
