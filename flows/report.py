@@ -39,16 +39,18 @@ def _load_evals(cfg: RunConfig) -> dict[str, dict]:
     return out
 
 
-def _load_external(cfg: RunConfig, evals: dict[str, dict], missing: dict[str, str]) -> dict[str, dict]:
+def _load_external(cfg: RunConfig, evals: dict[str, dict]) -> tuple[dict[str, dict], dict[str, str]]:
     """`eval.compare_with`: evals of other runs. Paired comparisons need the same problems, so each file's
     problem ids must equal this run's base eval's (or, without one, those of any eval of this run). Files that
-    do not exist yet go to `missing` (the report lists them); unreadable or mismatched ones are errors."""
+    do not exist yet are returned as missing (the report lists them); unreadable or mismatched ones are errors.
+    Returns (label -> eval, label -> missing path)."""
     ext = (cfg.eval.compare_with if cfg.eval else {}) or {}
+    out: dict[str, dict] = {}
+    missing: dict[str, str] = {}
     if not ext:
-        return {}
+        return out, missing
     own = evals.get("base") or next(iter(evals.values()), None)
     want = set(_correct_by_id(own)) if own else None
-    out = {}
     for label, path in ext.items():
         if label in evals:
             raise InputError(f"compare_with label {label!r} is also an arm of this run", column="eval.compare_with")
@@ -66,11 +68,18 @@ def _load_external(cfg: RunConfig, evals: dict[str, dict], missing: dict[str, st
                              f"({len(got - want)} not in this run); a paired comparison needs the same problems",
                              file=str(p), column="per_problem")
         out[label] = ev
-    return out
+    return out, missing
 
 
 def _correct_by_id(ev: dict) -> dict[str, bool]:
     return {r["id"]: r["correct"] for r in ev["per_problem"]}
+
+
+def _delta_by_id(cfg: RunConfig, ref: dict[str, float], got: dict[str, float]) -> dict:
+    """paired_delta of `got` against `ref` (problem id -> correctness) on the problems both have."""
+    ids = [i for i in ref if i in got]
+    return paired_delta([ref[i] for i in ids], [got[i] for i in ids],
+                        resamples=cfg.eval.bootstrap if cfg.eval else 2000)
 
 
 def _metrics(cfg: RunConfig, arm: str) -> list[dict]:
@@ -220,8 +229,7 @@ def _drift(info: dict) -> dict:
 
 def build_summary(cfg: RunConfig) -> dict:
     evals = _load_evals(cfg)
-    missing: dict[str, str] = {}
-    external = _load_external(cfg, evals, missing)
+    external, missing = _load_external(cfg, evals)
     evals.update(external)
     roles = {a.name: a.role for a in cfg.train} | {k: "other run" for k in external}
     summary = {"name": cfg.name, "model": cfg.model, "evals": {}, "deltas": {}, "stages": {}, "train": {},
@@ -237,10 +245,7 @@ def build_summary(cfg: RunConfig) -> dict:
         for ref in comparators:
             if ref == label or ref not in evals:
                 continue
-            a, b = _correct_by_id(evals[ref]), _correct_by_id(ev)
-            ids = [i for i in a if i in b]
-            summary["deltas"][f"{label} vs {ref}"] = paired_delta(
-                [a[i] for i in ids], [b[i] for i in ids], resamples=cfg.eval.bootstrap if cfg.eval else 2000)
+            summary["deltas"][f"{label} vs {ref}"] = _delta_by_id(cfg, _correct_by_id(evals[ref]), _correct_by_id(ev))
     _pools(cfg, evals, summary)
     for arm in cfg.train:
         p = run_dir(cfg) / "train" / arm.name / "train_summary.json"
@@ -268,17 +273,11 @@ def _pools(cfg: RunConfig, evals: dict[str, dict], summary: dict) -> None:
         vec[name] = {i: sum(p[i] for p in per) / len(per) for i in ids}
         summary["pools"][name] = {"models": members, "accuracy": float(np.mean(list(vec[name].values()))),
                                   "n": len(ids)}
-    if "base" in evals:
-        vec_base = {i: float(c) for i, c in _correct_by_id(evals["base"]).items()}
     names = list(vec)
     for j, name in enumerate(names):
-        refs = [("base", vec_base)] if "base" in evals and pools[name] != ["base"] else []
-        refs += [(n, vec[n]) for n in names[:j]]
-        for ref, rv in refs:
-            ids = [i for i in rv if i in vec[name]]
-            summary["pool_deltas"][f"{name} vs {ref}"] = paired_delta(
-                [rv[i] for i in ids], [vec[name][i] for i in ids],
-                resamples=cfg.eval.bootstrap if cfg.eval else 2000)
+        refs = [("base", _correct_by_id(evals["base"]))] if "base" in evals and pools[name] != ["base"] else []
+        for ref, rv in refs + [(n, vec[n]) for n in names[:j]]:
+            summary["pool_deltas"][f"{name} vs {ref}"] = _delta_by_id(cfg, rv, vec[name])
 
 
 def write_report(cfg: RunConfig, config_path: Path) -> Path:
@@ -298,6 +297,11 @@ def write_report(cfg: RunConfig, config_path: Path) -> Path:
     return out
 
 
+def _delta_row(name: str, d: dict) -> str:
+    sig = "yes" if d["ci_low_pp"] > 0 or d["ci_high_pp"] < 0 else "no"
+    return f"| {name} | {d['delta_pp']:+.1f} | [{d['ci_low_pp']:+.1f}, {d['ci_high_pp']:+.1f}] | {sig} |"
+
+
 def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> str:
     lines = [f"# prefpipe run report: {cfg.name}", "", f"Model: `{cfg.model}`; backend: {cfg.backend}; config: "
              f"`{config_path}`", ""]
@@ -311,20 +315,14 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
         if s["deltas"]:
             lines += ["", "### Paired differences (same problems, bootstrap 95 % CI, percentage points)", "",
                       "| comparison | Δ (pp) | 95 % CI | significant |", "|---|---|---|---|"]
-            for k, d in s["deltas"].items():
-                sig = "yes" if d["ci_low_pp"] > 0 or d["ci_high_pp"] < 0 else "no"
-                lines.append(f"| {k} | {d['delta_pp']:+.1f} | [{d['ci_low_pp']:+.1f}, {d['ci_high_pp']:+.1f}] "
-                             f"| {sig} |")
+            lines += [_delta_row(k, d) for k, d in s["deltas"].items()]
         if s.get("pools"):
             lines += ["", "### Pools (per-problem mean over each pool's models, paired bootstrap 95 % CI)", "",
                       "| pool | models | mean accuracy |", "|---|---|---|"]
             for k, p in s["pools"].items():
                 lines.append(f"| {k} | {', '.join(p['models'])} | {100 * p['accuracy']:.1f} % |")
             lines += ["", "| comparison | Δ (pp) | 95 % CI | significant |", "|---|---|---|---|"]
-            for k, d in s["pool_deltas"].items():
-                sig = "yes" if d["ci_low_pp"] > 0 or d["ci_high_pp"] < 0 else "no"
-                lines.append(f"| {k} | {d['delta_pp']:+.1f} | [{d['ci_low_pp']:+.1f}, {d['ci_high_pp']:+.1f}] "
-                             f"| {sig} |")
+            lines += [_delta_row(k, d) for k, d in s["pool_deltas"].items()]
         for k, absent in (s.get("pools_missing") or {}).items():
             lines.append(f"Pool `{k}` not compared: no eval yet for {', '.join(absent)}.")
         for label, path in (s.get("compare_missing") or {}).items():

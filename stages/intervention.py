@@ -450,11 +450,11 @@ def _trajectory_row(t: Trajectory, r: dict, cfg, backend, ctx, created, patterns
                trigger_text=t.substitute, n_interventions=t.n_interventions, wrong_step=t.wrong_step,
                chosen_verified=t.verified, extra={"divergence_fraction": t.start / max(1, len(t.text))})
     if cfg.mode == "math_correction":
-        # prefix + the wrong line stops mid-solution unless that line is the answer line (or the remainder is kept)
-        n_steps = task_problem(r).n_steps
+        # prefix + the wrong line stops mid-solution unless that line is the answer line (its correction is the
+        # `Answer:` line, as in _math_locate) or the remainder is kept
         row.update(chosen_score=1.0 if t.verified else 0.0, rejected_score=0.0,
                    score_margin=(1.0 if t.verified else 0.0), chosen_is_terminal=True,
-                   rejected_is_terminal=bool(cfg.rejected_keep_remainder or t.wrong_step > n_steps))
+                   rejected_is_terminal=cfg.rejected_keep_remainder or t.substitute.startswith("Answer:"))
     else:
         row["rejected_reasoning_harmful"], row["rejected_answer_harmful"] = _harmful(t.text, patterns)
         row["chosen_reasoning_harmful"], row["chosen_answer_harmful"] = _harmful(t.chosen[len(t.prefix):], patterns)
