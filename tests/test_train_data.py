@@ -257,6 +257,24 @@ def test_non_terminal_completions_get_no_eos():
     assert tok.decode(enc.completions[0][0]) == "Step 2: a"
     forced = encode_pairs(t, tok, TokenizeConfig(prefix_as_prompt=True, partial_eos=True))
     assert all(c[-1] == eos for group in forced.completions for c in group)
+    sep = encode_pairs(t, tok, TokenizeConfig(prefix_as_prompt=True, step_separator="\n"))
+    assert [tok.decode(c) for c in sep.completions[0]] == ["Step 2: a\n", "Step 2: b\n"]
+    assert sep.completions[1] == enc.completions[1]  # terminal rows keep their EOS and get no separator
+
+
+def test_step_separator_gives_prefix_lines_a_divergent_token():
+    """A wrong line that is a prefix of the right one ("= 1" vs "= 13"): without the line break the policy wrote
+    after it, the rejected side has no token that differs; with it, the cut keeps exactly that line break."""
+    tok = char_tokenizer(template_bos=False)
+    t = pa.table({"prompt": ["q"], "chosen": ["= 13"], "rejected": ["= 1"],
+                  "chosen_is_terminal": [False], "rejected_is_terminal": [False]})
+    bare = encode_pairs(t, tok, TokenizeConfig(rejected_to_divergence=True))
+    c, r = bare.completions[0]
+    assert c[:len(r)] == r  # no divergent token at all
+    sep = encode_pairs(t, tok, TokenizeConfig(rejected_to_divergence=True, step_separator="\n"))
+    c, r = sep.completions[0]
+    v = tok.get_vocab()
+    assert r == c[:3] + [v["\n"]] and c[3] == v["3"] and c[-1] == v["\n"]
 
 
 def test_rejected_to_divergence_cuts_after_the_first_differing_token():

@@ -48,6 +48,11 @@ class TokenizeConfig(BaseModel):
                               "(`chosen_is_terminal` / `rejected_is_terminal` false, e.g. tree step pairs); off: "
                               "such a completion is a step of a longer response, and EOS after it would teach "
                               "the model to stop there")
+    step_separator: str | None = Field(None, description="text appended to completions marked non-terminal "
+                                       "(when partial_eos is off): what the policy emitted after a step line "
+                                       "before the next one, e.g. \"\\n\" for the bundled task's one-step-per-line "
+                                       "solutions. Without it a wrong line that is a prefix of the right one "
+                                       "(\"= 1\" vs \"= 13\") has no token that differs from the chosen side")
     rejected_to_divergence: bool = Field(False, description="cut each rejected completion just after its first "
                                          "token that differs from the chosen one (token-level step pairs: "
                                          "what follows a wrong token is the policy's consistent continuation of "
@@ -244,12 +249,13 @@ class PieceEncoder:
         return self._encode_many("completion", texts)
 
     def completions_marked(self, texts: list[str], terminal: list[bool | None] | None,
-                           partial_eos: bool) -> list[list[int]]:
-        """Completions with EOS, except those marked non-terminal (terminal False) unless partial_eos."""
+                           partial_eos: bool, separator: str | None = None) -> list[list[int]]:
+        """Completions with EOS, except those marked non-terminal (terminal False) unless partial_eos; those end
+        with `separator` instead when given (tokenized together with the text, as the policy produced it)."""
         full = self.completions(texts)
         if terminal is None or partial_eos:
             return full
-        partial = self._encode_many("partial", texts)
+        partial = self._encode_many("partial", [x + (separator or "") for x in texts])
         return [p if t is False else f for f, p, t in zip(full, partial, terminal)]
 
     def prefixes(self, texts: list[str]) -> list[list[int]]:
@@ -322,9 +328,10 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
         prompts = [p + x for p, x in zip(prompts, enc.prefixes(prefix_text))]
     else:
         chosen_text, rejected_text = table["chosen"].to_pylist(), table["rejected"].to_pylist()
-    chosen = enc.completions_marked(chosen_text, _optional_flags(table, "chosen_is_terminal"), cfg.partial_eos)
+    chosen = enc.completions_marked(chosen_text, _optional_flags(table, "chosen_is_terminal"), cfg.partial_eos,
+                                    cfg.step_separator)
     rejected = enc.completions_marked(rejected_text, _optional_flags(table, "rejected_is_terminal"),
-                                      cfg.partial_eos)
+                                      cfg.partial_eos, cfg.step_separator)
     rejected_full = rejected
     if cfg.rejected_to_divergence:
         rejected = [cut_at_divergence(c, r) for c, r in zip(chosen, rejected)]
