@@ -57,6 +57,7 @@ def _train(cfg) -> list[float]:
 def worker(mode: str, out: str, data: str) -> None:
     """One torchrun rank: a full run, then a resume from checkpoint-2 (fresh model), losses written by rank 0."""
     import torch.distributed as dist
+    from pipeline.distributed.ddp import close
     torch.set_num_threads(1)
     out_dir = Path(out)
     full = _train(_config(Path(data), out_dir / "run", mode))
@@ -64,7 +65,7 @@ def worker(mode: str, out: str, data: str) -> None:
     if dist.get_rank() == 0:
         (out_dir / "losses.json").write_text(json.dumps({"full": full, "resumed": resumed,
                                                          "world": dist.get_world_size()}))
-    dist.destroy_process_group()
+    close()
 
 
 # ---------------------------------------------------------------------------------------------------- tests

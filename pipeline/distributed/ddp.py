@@ -180,5 +180,8 @@ class DistributedTrainer(Trainer):
 
 
 def close() -> None:
+    """End a torchrun job's process group: every rank meets at a barrier first, so no rank tears its gloo
+    sockets down while a peer is still writing (a rank that exits first can abort the other at exit)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -67,6 +67,9 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
             grad_accum=grad_accum, max_length=max_length, prefix_as_prompt=prefix_as_prompt, device=device,
             seed=seed, progress=progress, share_prompt=share_prompt, gradient_checkpointing=gradient_checkpointing))
         result = Trainer(cfg).train()
+        if cfg.distributed != "none":  # under torchrun: end the process group on every rank together
+            from pipeline.distributed.ddp import close
+            close()
         last = result.history[-1] if result.history else {}
         shown = {k: last[k] for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
                                       "logps/rejected", "grad_norm") if k in last}

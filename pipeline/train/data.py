@@ -252,11 +252,12 @@ class PieceEncoder:
                            partial_eos: bool, separator: str | None = None) -> list[list[int]]:
         """Completions with EOS, except those marked non-terminal (terminal False) unless partial_eos; those end
         with `separator` instead when given (tokenized together with the text, as the policy produced it)."""
-        full = self.completions(texts)
         if terminal is None or partial_eos:
-            return full
-        partial = self._encode_many("partial", [x + (separator or "") for x in texts])
-        return [p if t is False else f for f, p, t in zip(full, partial, terminal)]
+            return self.completions(texts)
+        full = iter(self.completions([x for x, t in zip(texts, terminal) if t is not False]))
+        partial = iter(self._encode_many("partial", [x + (separator or "") for x, t in zip(texts, terminal)
+                                                     if t is False]))
+        return [next(partial) if t is False else next(full) for t in terminal]
 
     def prefixes(self, texts: list[str]) -> list[list[int]]:
         return self._encode_many("prefix", texts)
