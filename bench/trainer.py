@@ -40,6 +40,7 @@ VARIANTS = [
     ("ours", {}),
     ("ours", {"share_prompt": True}),
     ("ours", {"share_prompt": True, "gradient_checkpointing": True}),
+    ("ours", {"share_prompt": True, "gradient_checkpointing": True, "heap_trim_every": 0}),  # no heap trimming
     ("trl", {"gradient_checkpointing": False}),
     ("trl", {"gradient_checkpointing": True}),
     ("trl", {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),  # TRL's own cached reference
@@ -204,7 +205,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model, data = make_inputs(Path(work), args.pairs, args.policy)
         runs = [VARIANTS[i] for i in args.variants] if args.variants else \
-            (VARIANTS[:1] + VARIANTS[3:4] if args.quick else VARIANTS)
+            (VARIANTS[:1] + VARIANTS[4:5] if args.quick else VARIANTS)
         results = []
         for round_ in range(args.repeats):
             for v, (side, opts) in enumerate(runs):

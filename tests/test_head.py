@@ -97,3 +97,19 @@ def test_chunk_edges(n, chunk):
     hid, w, b, t, up = _inputs(n, 123, 31, bias=True, seed=n)
     args = (hid, w, b, t, up / n)
     _compare(_run(chunked_logprobs, *args, chunk_tokens=chunk), _run(plain_logprobs, *args), lambda r: 1e-5)
+
+
+@pytest.mark.parametrize("n,chunk", [(37, 256), (37, 7)])
+def test_second_backward_recomputes_the_cached_chunk(n, chunk):
+    """The forward keeps its last chunk's softmax for the first backward, which consumes it in place; a second
+    backward through the same graph (retain_graph) must recompute it and give the same gradients."""
+    hid, w, b, t, up = _inputs(n, 123, 64, bias=True)
+    hid.requires_grad_(True)
+    w.requires_grad_(True)
+    out = chunked_logprobs(hid, w, t, bias=b, chunk_tokens=chunk)
+    first = torch.autograd.grad((out * up).sum(), (hid, w), retain_graph=True)
+    second = torch.autograd.grad((out * up).sum(), (hid, w))
+    ref = _run(plain_logprobs, hid.detach(), w.detach(), b, t, up)
+    for a, c, r in zip(first, second, ref[1:3]):
+        assert (a - r).abs().max().item() <= 1e-5
+        assert (c - r).abs().max().item() <= 1e-5

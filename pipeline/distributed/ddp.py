@@ -147,6 +147,7 @@ class DistributedTrainer(Trainer):
         mine = micros[self.rank * rounds:(self.rank + 1) * rounds]
         sums: dict[str, float] = {"loss": 0.0, "num_tokens": 0}
         for r in range(rounds):
+            self.heap()
             micro = mine[r] if r < len(mine) else micros[0]
             batch = collate(self.data, micro, self.pad_id, self.cfg.share_prompt).to(self.device)
             with self._sync_grads(r == rounds - 1):

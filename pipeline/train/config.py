@@ -62,6 +62,10 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute each layer's activations in the backward (less memory, ~1/3 more compute)")
     head_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the fused LM head")
+    heap_trim_every: int = Field(
+        6, ge=0, description="CPU: hand freed heap back to the OS (glibc malloc_trim) in the backward of every "
+        "N-th decoder layer, at each micro-batch start and at the end of the forward, wherever >= 32 MB is free; "
+        "bounds the heap fragmentation that held ~450 MB of SmolLM2's peak (pipeline/train/heap.py). 0 = off")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
 
     ref_cache_dir: str | None = Field(None, description="reference log-prob cache; None = <data folder>/refcache")

@@ -3,7 +3,8 @@
 The trainer gathers the hidden states of the scored (completion) positions only, so `hidden` is [N, H] with
 N = number of completion tokens in the micro-batch. The forward walks N in chunks: logits of one chunk in the
 compute dtype, logsumexp and the target logit in fp32. The backward recomputes each chunk's logits (memory is
-the point, not FLOPs) and accumulates the weight gradient across chunks in fp32.
+the point, not FLOPs), except the last chunk's, whose exp(z - max) the forward keeps (the backward comes right
+after it), and accumulates the weight gradient across chunks in fp32.
 
 d logp_i / d z_ij = 1[j = y_i] - softmax(z_i)_j, so for an upstream gradient g_i the logits gradient of a
 chunk is g_i * (onehot - p); dH = dZ @ W and dW = dZ^T @ H.
@@ -45,17 +46,25 @@ class _ChunkedLogProbs(torch.autograd.Function):
             n = hidden.shape[0]
             logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
             lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            last = None
             for s in range(0, n, chunk_tokens):
                 e = min(s + chunk_tokens, n)
+                last = z = None  # the previous chunk's buffer goes before this one is allocated
                 z = _fp32_logits(hidden[s:e].to(cdt), w, b)
                 target_logit = z.gather(1, targets[s:e, None]).squeeze(1)
                 # logsumexp in place on the one [chunk, V] buffer (torch.logsumexp would allocate a second)
                 m = z.amax(dim=-1, keepdim=True)
-                chunk_lse = z.sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(1))
+                total = z.sub_(m).exp_().sum(dim=-1)
+                chunk_lse = total.log().add_(m.squeeze(1))
                 lse[s:e] = chunk_lse
                 logps[s:e] = target_logit - chunk_lse
+                last = (s, z, total)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_tokens, ctx.cdt = chunk_tokens, cdt
+        # The last chunk's exp(z - max) and its row sums stay for the backward, which starts right after the
+        # loss: that chunk's logits are not recomputed (one [chunk, V] GEMM of its four; with N <= chunk_tokens,
+        # the only chunk). Little else is live between the head's forward and its backward, so the peak holds.
+        ctx.last = last  # under no_grad there is no graph and ctx (with it) is dropped at once
         return logps
 
     @staticmethod
@@ -71,12 +80,18 @@ class _ChunkedLogProbs(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             g_all = grad_logps.float()
-            for s in range(0, hidden.shape[0], chunk_tokens):
+            last, ctx.last = ctx.last, None  # used once: a second backward (retain_graph) recomputes
+            starts = list(range(0, hidden.shape[0], chunk_tokens))
+            for s in reversed(starts):  # the cached last chunk first, while nothing else is allocated
                 e = min(s + chunk_tokens, hidden.shape[0])
                 h = hidden[s:e].to(cdt)
                 g = g_all[s:e]
                 # softmax, then dz = g * (onehot - p), all in place on one [chunk, V] fp32 buffer
-                dz = _fp32_logits(h, w, b).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+                if last is not None and last[0] == s:
+                    dz = last[1].mul_((-g / last[2])[:, None])  # exp(z - max) / its row sum = p
+                    last = None
+                else:
+                    dz = _fp32_logits(h, w, b).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
                 dz.scatter_add_(1, targets[s:e, None], g[:, None])
                 if need_b:
                     grad_b += dz.sum(0)

@@ -32,6 +32,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.collate import Batch, collate
 from pipeline.train.data import Encoded, encode_lists, encode_pairs, encode_sft, pad_id_of, read_table
 from pipeline.train.forward import row_logps
+from pipeline.train.heap import HeapTrimmer
 from pipeline.train.losses import BATCH_COUPLED_TYPES, ListBatch, LossState, PairBatch, list_loss, pair_loss
 from pipeline.train.losses.types import REFERENCE_FREE_TYPES
 from pipeline.train.refcache import compute_ref_logps, reference_logps, state_dict_hash
@@ -126,6 +127,7 @@ class Trainer:
         self.ref: np.ndarray | None = None  # [groups, K] float64, NaN where a list has fewer responses
         self.ref_info: dict = {}
         self.loss_state = LossState()
+        self.heap = HeapTrimmer(self.model, 0)  # inactive until setup(); see pipeline/train/heap.py
 
     # ------------------------------------------------------------------------------------------------ data
     def _data_kind(self) -> str:
@@ -296,6 +298,7 @@ class Trainer:
         n_tokens = float(sum(len(self.data.completions[g][0]) for g in groups))
         sums: dict[str, float] = {"loss": 0.0, "num_tokens": 0}
         for s in range(0, n_items, self.cfg.micro_batch):
+            self.heap()  # the previous step's freed gradients and activations go back to the OS
             micro = groups[s:s + self.cfg.micro_batch]
             batch = collate(self.data, micro, self.pad_id, self.cfg.share_prompt).to(self.device)
             loss, metrics = self.micro_loss(batch, n_items, n_tokens)
@@ -329,6 +332,9 @@ class Trainer:
         disable_dropout(self.model)
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.heap.remove()
+        self.heap = HeapTrimmer(self.model, self.cfg.heap_trim_every if self.device.type == "cpu" else 0)
+        self.heap()  # what the reference pass freed
 
     def train(self) -> TrainResult:
         cfg = self.cfg
