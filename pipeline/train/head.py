@@ -81,8 +81,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             g_all = grad_logps.float()
             last, ctx.last = ctx.last, None  # used once: a second backward (retain_graph) recomputes
-            starts = list(range(0, hidden.shape[0], chunk_tokens))
-            for s in reversed(starts):  # the cached last chunk first, while nothing else is allocated
+            for s in reversed(range(0, hidden.shape[0], chunk_tokens)):  # the cached last chunk first
                 e = min(s + chunk_tokens, hidden.shape[0])
                 h = hidden[s:e].to(cdt)
                 g = g_all[s:e]

@@ -24,34 +24,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 import torch
 
 log = logging.getLogger(__name__)
-_LIBC = None
-# A trim point trims only when at least this much heap is free: a trim costs a walk of the heap plus the page
-# faults when the pages are used again. A small model's short steps feel that most: the tiny policy lost 23 % of
-# tokens/s when trimming unconditionally, for 26 MB less. SmolLM2-135M lost 5-9 %, for 450 MB less.
+# A trim costs a walk of the heap plus a page fault for each freed page used again. Two gates keep that where it
+# pays. A trim point trims only when at least MIN_FREE_BYTES of heap is free. Models under MIN_PARAMS parameters
+# are not trimmed at all: the tiny policy (a few M parameters, 0.1-0.3 s steps, a heap of many small free blocks)
+# lost 22-23 % of tokens/s to trimming, with or without the free-heap test, for 26-30 MB less; SmolLM2-135M lost
+# 3-11 % for 430-490 MB less.
 MIN_FREE_BYTES = 32 << 20
-# ... and below this many parameters the trimmer stays off altogether. On the tiny policy (a few M parameters)
-# trimming even with the free-heap test cost 22 % of tokens/s for 30 MB: each malloc_trim walks a heap of many
-# small free blocks, and the steps are 0.1-0.3 s. The gradients and activations that fragment the heap scale with
-# the model; at 135M parameters the trims pay (450 MB for 3-9 %).
 MIN_PARAMS = 50_000_000
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None where there is none (musl, macOS, Windows)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = lib.malloc_trim
-            _LIBC.argtypes, _LIBC.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC or None
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -59,20 +44,25 @@ class _Mallinfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-_MALLINFO2 = None
+@functools.cache
+def _libc_fn(name: str, argtypes: tuple, restype):
+    """A libc function by name, or None where this libc has none (musl, macOS, Windows; mallinfo2 < glibc 2.33)."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
+
+
+def _malloc_trim():
+    return _libc_fn("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
 
 
 def free_heap_bytes() -> int | None:
-    """Bytes in free heap blocks, all arenas (glibc >= 2.33 mallinfo2), or None where it cannot be read."""
-    global _MALLINFO2
-    if _MALLINFO2 is None:
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-            fn.argtypes, fn.restype = [], _Mallinfo2
-            _MALLINFO2 = fn
-        except (OSError, AttributeError):
-            _MALLINFO2 = False
-    return int(_MALLINFO2().fordblks) if _MALLINFO2 else None
+    """Bytes in free heap blocks, all arenas (glibc mallinfo2), or None where it cannot be read."""
+    fn = _libc_fn("mallinfo2", (), _Mallinfo2)
+    return int(fn().fordblks) if fn is not None else None
 
 
 def trim(min_free: int = 0) -> bool:
@@ -102,12 +92,12 @@ class HeapTrimmer:
     """Installs the trims described in the module docstring on `model`; `remove()` takes them off."""
 
     def __init__(self, model: torch.nn.Module, every: int, min_free: int | None = None):
-        self.every, self.min_free = every, MIN_FREE_BYTES if min_free is None else min_free
+        self.min_free = MIN_FREE_BYTES if min_free is None else min_free
         self.calls = 0  # trims done (tests read it)
         self._handles: list = []
-        self.params = sum(p.numel() for p in model.parameters())
-        if every <= 0 or _malloc_trim() is None or self.params < MIN_PARAMS:
-            self.every = 0
+        usable = every > 0 and _malloc_trim() is not None
+        self.every = every if usable and sum(p.numel() for p in model.parameters()) >= MIN_PARAMS else 0
+        if not self.every:
             return
         layers = decoder_layers(model)
         if layers is None:
@@ -125,7 +115,7 @@ class HeapTrimmer:
 
     @property
     def active(self) -> bool:
-        return self.every > 0 and _malloc_trim() is not None
+        return self.every > 0  # 0 where off, unavailable or gated out
 
     def __call__(self) -> None:
         if self.active and trim(self.min_free):
