@@ -54,6 +54,7 @@ TREE_NODE = pa.struct([
     _f("answer", pa.string()),
     _f("correct", pa.bool_()),
     _f("rollout_success", pa.float64()),
+    _f("greedy", pa.bool_()),               # decoded greedily (greedy_first); null: sampled or older trees
 ])
 
 TREES = pa.schema([

@@ -20,6 +20,7 @@ import random
 from typing import ClassVar
 
 import pyarrow as pa
+from pydantic import model_validator
 
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.errors import InputError
@@ -42,6 +43,15 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
     """Stage 1 settings: search (variant, value function, shape, sampling) and mining (pair policies)."""
 
     version: ClassVar[str] = "1"
+
+    @model_validator(mode="after")
+    def _greedy_needs_greedy_first(self):
+        if self.step_rejected == "greedy" and not self.greedy_first:
+            raise ValueError("step_rejected: greedy needs greedy_first: true (no child is decoded greedily "
+                             "otherwise, so no pair would be kept)")
+        if self.branch_on_error and not self.greedy_first:
+            raise ValueError("branch_on_error needs greedy_first: true (it branches where the greedy step fails)")
+        return self
 
     def sampling(self) -> dict:
         return {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "step_max_tokens",

@@ -3,7 +3,8 @@
 It knows each prompt's problem and writes the gold next line with probability `p_right` (else the same line
 with the result off by one, so every later step and the answer go wrong too). Continuations follow the stop
 strings like a real backend: with "\n" it returns one line; the "Answer:" line ends with EOS. Every call is
-recorded, so tests can count backend calls per round (cross-tree batching).
+recorded, so tests can count backend calls per round (cross-tree batching). At temperature 0 the line depends
+on the prompt and prefix only, like a greedy decode.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ class FakeArithBackend:
         self.calls.append({"kind": "continue", "prompts": len(prompts), "n": n, "seed": sp.seed})
         out = []
         for i, (prompt, prefix) in enumerate(zip(prompts, assistant_prefixes)):
-            rng = random.Random(f"{sp.seed}|{i}|{prompt}|{prefix}")
+            # greedy (temperature 0): the same line for a given prefix whatever the seed or position, right or
+            # wrong by the same p_right draw (a policy whose argmax is wrong on some prefixes)
+            rng = random.Random(f"greedy|{prompt}|{prefix}" if sp.greedy else f"{sp.seed}|{i}|{prompt}|{prefix}")
             out.append([self._sample(self.by_prompt[prompt], prefix, sp, rng) for _ in range(n)])
         return out
 

@@ -36,6 +36,12 @@ class SearchConfig(BaseModel):
     temperature: float = Field(0.8, ge=0, description="sampling temperature of steps and rollouts")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus mass")
     top_k: int = Field(50, ge=0, description="top-k (0: off)")
+    greedy_first: bool = Field(False, description=(
+        "each expansion's first candidate is decoded greedily (temperature 0), the others are sampled: the greedy "
+        "child is the policy's own likeliest next step, so a wrong one is a mistake the policy makes"))
+    branch_on_error: bool = Field(False, description=(
+        "with greedy_first: sample the other candidates only where the greedy step fails the task's step check "
+        "(a greedy line everywhere else, siblings where the policy errs)"))
     step_max_tokens: int = Field(64, ge=1, description="most new tokens of one step")
     rollout_max_tokens: int = Field(256, ge=1, description="most new tokens of a rollout / full response")
     step_stop: list[str] = Field(default_factory=lambda: ["\n"], description="strings that end a step")
@@ -69,6 +75,9 @@ class MiningConfig(BaseModel):
     step_min_margin: float = Field(0.375, ge=0, description=(
         "first_wrong_step: min gap of the [0, 1] scores (rollout shares); stages.md §1.8 targets validity >= 0.9 "
         "at Tree-PLV's alpha = 0.375. 0 keeps every verified pair (the step verifier alone decides)"))
+    step_rejected: Literal["any", "greedy"] = Field(
+        "any", description="first_wrong_step: which wrong siblings may be the rejected side. greedy: only the "
+                           "greedy child (needs greedy_first), so every rejected line is the policy's own mistake")
     tie_policy: Literal["drop", "keep"] = Field(
         "drop", description="a pair (or list) whose chosen and rejected scores are equal: drop or keep")
     require_verified: bool = Field(True, description="with a gold answer / step verifier: chosen must verify "

@@ -5,7 +5,8 @@
 Step pairs (siblings: the two sides share the parent's response as `shared_prefix`; chosen and rejected are
 prefix + ONE step line, never the rest of a sample):
 - first_wrong_step (default when the task has a step verifier): siblings under a verified-correct prefix,
-  chosen = a verified-correct step, rejected = a wrong step (so it is the first wrong step). Siblings are
+  chosen = a verified-correct step, rejected = a wrong step (so it is the first wrong step); with
+  `step_rejected: greedy` only the greedy child (`greedy_first`) may be the rejected side. Siblings are
   grouped by prefix text, so equal prefixes reached through different branches pool their steps.
 - prism_sibling: PRISM's ordered pairs with Q_i - Q_j > v_threshold and Q_i >= good_value_threshold among
   children that are terminal or visited >= min_visits.
@@ -83,12 +84,19 @@ class _Miner:
                 "chosen_score": sc, "rejected_score": sr, "score_margin": sc - sr,
                 "generator_model": self.row["generator_model"], "created_at": self.created_at,
                 "extra": {"chosen_correct": c.correct, "rejected_correct": r.correct,
-                          "chosen_q": c.q_value, "rejected_q": r.q_value, **extra},
+                          "chosen_q": c.q_value, "rejected_q": r.q_value, **self.greedy_flags(c, r), **extra},
                 "row_key": hashlib.sha256(f"{self.row['row_key']}\0{pid}".encode()).hexdigest(),
                 "status": "ok", "error": None, "pair_type": kind, "depth": max(c.depth, r.depth),
                 "tree_id": t.tree_id, "chosen_node_id": c.node_id, "rejected_node_id": r.node_id,
                 "chosen_is_terminal": c.is_terminal, "rejected_is_terminal": r.is_terminal,
                 "chosen_visits": c.visits, "rejected_visits": r.visits}
+
+    @staticmethod
+    def greedy_flags(c: Node, r: Node) -> dict:
+        """Which side was the greedy step, for trees grown with greedy_first (nothing otherwise)."""
+        if c.greedy is None and r.greedy is None:
+            return {}
+        return {"chosen_greedy": bool(c.greedy), "rejected_greedy": bool(r.greedy)}
 
     def keep(self, sc: float, sr: float, min_margin: float = 0.0) -> bool:
         if sc == sr:
@@ -133,7 +141,8 @@ class _Miner:
             parent = self.tree.parent(kids[0])
             if parent.parent_id is not None and not parent.correct:
                 continue  # the prefix itself is wrong: the wrong step here is not the first one
-            for c, r in itertools.product([k for k in kids if k.correct], [k for k in kids if k.correct is False]):
+            wrong = [k for k in kids if k.correct is False and (self.cfg.step_rejected == "any" or k.greedy)]
+            for c, r in itertools.product([k for k in kids if k.correct], wrong):
                 sc, sr = score01(c, self.method), score01(r, self.method)
                 if self.keep(sc, sr, self.cfg.step_min_margin):
                     out.append(self.pair("first_wrong_step", c, r, sc, sr, prefix, {}))

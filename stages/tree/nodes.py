@@ -32,6 +32,7 @@ class Node:
     answer: str | None = None            # the final answer a terminal node states
     correct: bool | None = None          # step-verified trajectory (or answer check when no step verifier)
     rollout_success: float | None = None  # share of rollouts from this node that reached the right answer
+    greedy: bool | None = None           # the parent's greedy next step (greedy_first); None: not recorded
     children: list[str] = field(default_factory=list)
 
     @property
