@@ -46,11 +46,10 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
 
     @model_validator(mode="after")
     def _greedy_needs_greedy_first(self):
+        # a model validator: step_rejected (MiningConfig) is validated before greedy_first (SearchConfig)
         if self.step_rejected == "greedy" and not self.greedy_first:
             raise ValueError("step_rejected: greedy needs greedy_first: true (no child is decoded greedily "
                              "otherwise, so no pair would be kept)")
-        if self.branch_on_error and not self.greedy_first:
-            raise ValueError("branch_on_error needs greedy_first: true (it branches where the greedy step fails)")
         return self
 
     def sampling(self) -> dict:

@@ -100,6 +100,8 @@ def test_trees_without_greedy_flags_mine_as_before():
 
 
 def test_greedy_options_need_greedy_first():
+    ok = TreeSearchConfig(greedy_first=True, branch_on_error=True, step_rejected="greedy")
+    assert (ok.greedy_first, ok.branch_on_error, ok.step_rejected) == (True, True, "greedy")
     with pytest.raises(ValidationError, match="step_rejected: greedy needs greedy_first"):
         TreeSearchConfig(step_rejected="greedy")
     with pytest.raises(ValidationError, match="branch_on_error needs greedy_first"):

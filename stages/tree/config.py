@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pipeline.backends.base import SamplingParams
 
@@ -47,6 +47,13 @@ class SearchConfig(BaseModel):
     step_stop: list[str] = Field(default_factory=lambda: ["\n"], description="strings that end a step")
     step_join: str = Field("\n", description="string between steps in a response")
     terminal_regex: str = Field(r"^\s*Answer\s*:", description="a step matching this ends the response")
+
+    @field_validator("branch_on_error")
+    @classmethod
+    def _branch_needs_greedy_first(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("greedy_first"):  # greedy_first is declared (so validated) first
+            raise ValueError("branch_on_error needs greedy_first: true (it branches where the greedy step fails)")
+        return v
 
     def step_sampling(self, seed: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
