@@ -157,11 +157,19 @@ def _input_changed(stage_store: StageStore, expected, got, shard: int | None = N
 
 
 def read_input(path: str | Path, kind: str = "prompts") -> pa.Table:
-    """Read a stage input: a run-store stage folder, or a file.
+    """Read a stage input: a run-store stage folder (`folder@output` for another output than main, e.g.
+    `runs/x/tree@trees`), or a file.
 
     Prompts come through the prompt loaders (JSONL, Parquet, `datasets` folder). Other kinds are read from
     Parquet or JSONL; `validate` then checks them against their schema.
     """
+    folder, at, output = str(path).rpartition("@")
+    if at and (Path(folder) / "manifest.json").exists():
+        store = StageStore(Path(folder).parent, Path(folder).name)
+        outputs = store.manifest()["outputs"]
+        if output not in outputs:
+            raise InputError(f"the stage has no output {output!r} (it has {sorted(outputs)})", file=folder)
+        return store.read(output)
     path = Path(path)
     if (path / "manifest.json").exists():
         return StageStore(path.parent, path.name).read()

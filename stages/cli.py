@@ -10,8 +10,8 @@ import typer
 from pipeline.stage import get_stage, list_stages
 from pipeline.stage_cli import register_stage_commands
 
-STAGE_MODULES = ["stages.select", "stages.sample_pairs", "stages.tree_search", "stages.rationales", "stages.reward_relabel", "stages.deliberation",
-                 "stages.intervention", "stages.self_label"]
+STAGE_MODULES = ["stages.select", "stages.sample_pairs", "stages.tree_search", "stages.mine_trees", "stages.rationales",
+                 "stages.reward_relabel", "stages.deliberation", "stages.intervention", "stages.self_label"]
 
 
 def load_stage_modules() -> None:

@@ -7,7 +7,10 @@ prefix + ONE step line, never the rest of a sample):
 - first_wrong_step (default when the task has a step verifier): siblings under a verified-correct prefix,
   chosen = a verified-correct step, rejected = a wrong step (so it is the first wrong step); with
   `step_rejected: greedy` only the greedy child (`greedy_first`) may be the rejected side. Siblings are
-  grouped by prefix text, so equal prefixes reached through different branches pool their steps.
+  grouped by prefix text, so equal prefixes reached through different branches pool their steps. With
+  `gold_fallback` (re-mining only, the mine-trees stage), a group with a wrong step and no verified sibling takes
+  the task's gold next line as the chosen step (a node that is not in the tree: id `<parent>.gold`,
+  `extra.chosen_source = "gold"`), kept only when the prefix plus that line verifies.
 - prism_sibling: PRISM's ordered pairs with Q_i - Q_j > v_threshold and Q_i >= good_value_threshold among
   children that are terminal or visited >= min_visits.
 - value_gap: Tree-PLV, R(chosen) - R(rejected) >= alpha on the [0, 1] success scale.
@@ -28,7 +31,7 @@ import random
 
 import pyarrow as pa
 
-from pipeline.tasks.verify import first_wrong_step
+from pipeline.tasks.verify import first_wrong_step, step_lines
 from schemas.tables import RANKED_LISTS
 from stages._common import now_utc, pair_id, pairs_table as _pairs_table
 from stages.tree.config import MiningConfig
@@ -68,8 +71,9 @@ def graded_score(tree: Tree, task: TreeTask, node: Node, method: str) -> float:
 
 
 class _Miner:
-    def __init__(self, tree: Tree, row: dict, task: TreeTask, cfg: MiningConfig):
+    def __init__(self, tree: Tree, row: dict, task: TreeTask, cfg: MiningConfig, gold_fallback: bool = False):
         self.tree, self.row, self.task, self.cfg = tree, row, task, cfg
+        self.gold_fallback = gold_fallback
         self.method = tree.method
         self.created_at = now_utc()
 
@@ -142,11 +146,31 @@ class _Miner:
             if parent.parent_id is not None and not parent.correct:
                 continue  # the prefix itself is wrong: the wrong step here is not the first one
             wrong = [k for k in kids if k.correct is False and (self.cfg.step_rejected == "any" or k.greedy)]
-            for c, r in itertools.product([k for k in kids if k.correct], wrong):
+            right, extra = [k for k in kids if k.correct], {}
+            if not right and wrong and self.gold_fallback:
+                gold = self.gold_child(parent)
+                right, extra = ([gold], {"chosen_source": "gold"}) if gold is not None else ([], {})
+            for c, r in itertools.product(right, wrong):
                 sc, sr = score01(c, self.method), score01(r, self.method)
                 if self.keep(sc, sr, self.cfg.step_min_margin):
-                    out.append(self.pair("first_wrong_step", c, r, sc, sr, prefix, {}))
+                    out.append(self.pair("first_wrong_step", c, r, sc, sr, prefix, extra))
         return out
+
+    def gold_child(self, parent: Node) -> Node | None:
+        """The task's gold next line after `parent` as a node outside the tree (its parent is `parent`), or None
+        when there is no step verifier or the prefix plus that line does not verify."""
+        problem = self.task.problem
+        if problem is None:
+            return None
+        steps = self.tree.trajectory(parent)
+        k = len(step_lines(self.tree.join.join(steps))) + 1
+        line = problem.gold_steps[k - 1] if k <= problem.n_steps else f"Answer: {problem.answer}"
+        terminal = k > problem.n_steps
+        if not self.task.steps_correct(steps + [line], self.tree.join, terminal):
+            return None
+        recorded = any(n.greedy is not None for n in self.tree.nodes.values())  # greedy_first trees
+        return Node(f"{parent.node_id}.gold", parent.node_id, parent.depth + 1, line, is_terminal=terminal,
+                    reward=1.0, correct=True, greedy=False if recorded else None)  # 1.0: top on both scales
 
     def valued_sibling_pairs(self, mode: str) -> list[dict]:
         out = []
@@ -259,12 +283,13 @@ class _Miner:
         return pairs, [lst] if lst else []
 
 
-def mine_trees(trees: list[tuple[Tree, dict]], cfg: MiningConfig) -> tuple[list[dict], list[dict]]:
+def mine_trees(trees: list[tuple[Tree, dict]], cfg: MiningConfig, *,
+               gold_fallback: bool = False) -> tuple[list[dict], list[dict]]:
     """Pair records (with `extra` still a dict) and list records of (tree, row) items, duplicates removed.
     `row` needs the tree's `row_key` and `generator_model`."""
     pairs, lists = [], []
     for tree, row in trees:
-        p, ls = _Miner(tree, row, task_from_info(tree.prompt, tree.info), cfg).run()
+        p, ls = _Miner(tree, row, task_from_info(tree.prompt, tree.info), cfg, gold_fallback).run()
         pairs += p
         lists += ls
     return dedup(pairs), lists
@@ -289,7 +314,7 @@ def lists_table(lists: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(lists, schema=RANKED_LISTS)
 
 
-def mine(trees: pa.Table, cfg: MiningConfig) -> tuple[pa.Table, pa.Table]:
+def mine(trees: pa.Table, cfg: MiningConfig, *, gold_fallback: bool = False) -> tuple[pa.Table, pa.Table]:
     """(pairs, lists) tables from a TREES table, with no model calls (re-mining stored trees)."""
-    pairs, lists = mine_trees(trees_from_table(trees), cfg)
+    pairs, lists = mine_trees(trees_from_table(trees), cfg, gold_fallback=gold_fallback)
     return pairs_table(pairs), lists_table(lists)
