@@ -223,7 +223,7 @@ def math_wrong_unit(text: str, problem) -> tuple[int, tuple[int, int] | None, st
     k = first_wrong_step(text, problem)
     if k is None:
         return None
-    correct = problem.gold_steps[k - 1] if k <= problem.n_steps else f"Answer: {problem.answer}"
+    correct = problem.gold_line(k)
     spans = line_spans(text)
     steps = [i for i, (a, b) in enumerate(spans) if step_lines(text[a:b])]
     if len(steps) >= k:
@@ -299,8 +299,7 @@ def _math_locate(trajs: list[Trajectory], problems: list, cfg, backend) -> None:
             span = spans[j][idx[j]]
             # The flagged line is step m+1 when m step lines precede it; its right version comes from the problem.
             t.wrong_step = sum(bool(step_lines(t.text[a:b])) for a, b in spans[j][:idx[j]]) + 1
-            correct = problem.gold_steps[t.wrong_step - 1] if t.wrong_step <= problem.n_steps \
-                else f"Answer: {problem.answer}"
+            correct = problem.gold_line(t.wrong_step)
         t.start, t.prefix, t.wrong = span[0], t.text[:span[0]], t.text[span[0]:span[1]]
         t.substitute = correct
         if t.wrong.strip() == correct:   # a judge or cue list flagged a line that is already right

@@ -120,6 +120,10 @@ class Problem:
     def n_steps(self) -> int:
         return len(self.ops)
 
+    def gold_line(self, k: int) -> str:
+        """The right k-th line of a solution (1-based): gold step k, or the answer line after the last step."""
+        return self.gold_steps[k - 1] if k <= self.n_steps else f"Answer: {self.answer}"
+
     def results(self) -> list[int]:
         """The running value after each step."""
         out, cur = [], self.start

@@ -147,30 +147,30 @@ class _Miner:
                 continue  # the prefix itself is wrong: the wrong step here is not the first one
             wrong = [k for k in kids if k.correct is False and (self.cfg.step_rejected == "any" or k.greedy)]
             right, extra = [k for k in kids if k.correct], {}
-            if not right and wrong and self.gold_fallback:
-                gold = self.gold_child(parent)
-                right, extra = ([gold], {"chosen_source": "gold"}) if gold is not None else ([], {})
+            gold = self.gold_child(parent, kids) if not right and wrong and self.gold_fallback else None
+            if gold is not None:
+                right, extra = [gold], {"chosen_source": "gold"}
             for c, r in itertools.product(right, wrong):
                 sc, sr = score01(c, self.method), score01(r, self.method)
                 if self.keep(sc, sr, self.cfg.step_min_margin):
                     out.append(self.pair("first_wrong_step", c, r, sc, sr, prefix, extra))
         return out
 
-    def gold_child(self, parent: Node) -> Node | None:
-        """The task's gold next line after `parent` as a node outside the tree (its parent is `parent`), or None
-        when there is no step verifier or the prefix plus that line does not verify."""
+    def gold_child(self, parent: Node, kids: list[Node]) -> Node | None:
+        """The task's gold next line after `parent` (whose children are `kids`) as a node outside the tree, or
+        None when there is no step verifier or the prefix plus that line does not verify."""
         problem = self.task.problem
         if problem is None:
             return None
         steps = self.tree.trajectory(parent)
         k = len(step_lines(self.tree.join.join(steps))) + 1
-        line = problem.gold_steps[k - 1] if k <= problem.n_steps else f"Answer: {problem.answer}"
+        line = problem.gold_line(k)
         terminal = k > problem.n_steps
         if not self.task.steps_correct(steps + [line], self.tree.join, terminal):
             return None
-        recorded = any(n.greedy is not None for n in self.tree.nodes.values())  # greedy_first trees
+        greedy = None if kids[0].greedy is None else False  # a greedy_first tree records it on every child
         return Node(f"{parent.node_id}.gold", parent.node_id, parent.depth + 1, line, is_terminal=terminal,
-                    reward=1.0, correct=True, greedy=False if recorded else None)  # 1.0: top on both scales
+                    reward=1.0, correct=True, greedy=greedy)  # reward 1.0: the top value on both scales
 
     def valued_sibling_pairs(self, mode: str) -> list[dict]:
         out = []
