@@ -105,3 +105,33 @@ def test_read_input_takes_a_stage_folder_output(tmp_path):
     assert got.num_rows == 8 and "nodes" in got.column_names
     with pytest.raises(InputError, match="no output 'nope'.*trees"):
         read_input(f"{tmp_path / 'tree-search'}@nope", "trees")
+
+
+def test_chosen_continuation_runs_the_chosen_side_to_a_verified_answer(tmp_path):
+    trees, cfg = _trees(60)
+    plain = list(_step_pairs(mine(trees, cfg)[0]).values())
+    cont = list(_step_pairs(mine(trees, cfg, chosen_continuation=True)[0]).values())
+    meta = {r["prompt_id"]: problem_from_meta(json.loads(r["extra"])["meta"]) for r in trees.to_pylist()}
+    key = lambda p: (p["prompt_id"], p["shared_prefix"], p["rejected"], p["chosen_node_id"])  # noqa: E731
+    assert sorted(map(key, plain)) == sorted(map(key, cont))  # the same pairs; only the chosen text may grow
+    by_key = {key(p): p for p in plain}
+    n_continued = 0
+    for p in cont:
+        base, extra = by_key[key(p)], json.loads(p["extra"])
+        assert p["chosen"].startswith(base["chosen"]) and p["rejected"] == base["rejected"]
+        if extra["chosen_continued"]:
+            n_continued += 1
+            problem = meta[p["prompt_id"]]
+            assert first_wrong_step(p["chosen"], problem) is None  # every step and the answer verify
+            assert p["chosen"] != base["chosen"] and p["chosen_is_terminal"] is True
+            assert extra["chosen_end_node_id"].startswith(p["chosen_node_id"] + ".")
+        else:
+            assert p["chosen"] == base["chosen"] and extra["chosen_end_node_id"] == p["chosen_node_id"]
+            assert p["chosen_is_terminal"] == base["chosen_is_terminal"]
+    # the fake policy's trees hold both kinds: chosen steps the search carried to the answer and ones it did not
+    assert 0 < n_continued < len(cont)
+    # the stage passes the option through
+    res = run_stage(get_stage("mine-trees"), trees, MineTreesConfig(step_rejected="greedy", chosen_continuation=True),
+                    None, RunStore(tmp_path), shard_size=9, progress=False)
+    assert sorted(res.store.read("main").column("chosen").to_pylist()) == \
+        sorted(p["chosen"] for p in mine(trees, cfg, chosen_continuation=True)[0].to_pylist())

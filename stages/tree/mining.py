@@ -10,7 +10,11 @@ prefix + ONE step line, never the rest of a sample):
   grouped by prefix text, so equal prefixes reached through different branches pool their steps. With
   `gold_fallback` (re-mining only, the mine-trees stage), a group with a wrong step and no verified sibling takes
   the task's gold next line as the chosen step (a node that is not in the tree: id `<parent>.gold`,
-  `extra.chosen_source = "gold"`), kept only when the prefix plus that line verifies.
+  `extra.chosen_source = "gold"`), kept only when the prefix plus that line verifies. With `chosen_continuation`
+  (re-mining only), the chosen side runs on from its step to the verified answer the tree reached below it
+  (verified children, the greedy one first): prefix + the right line + the rest of a right solution, the shape of
+  the intervention stage's chosen side. A chosen step with no verified terminal below it keeps its one line;
+  `extra.chosen_continued` says which.
 - prism_sibling: PRISM's ordered pairs with Q_i - Q_j > v_threshold and Q_i >= good_value_threshold among
   children that are terminal or visited >= min_visits.
 - value_gap: Tree-PLV, R(chosen) - R(rejected) >= alpha on the [0, 1] success scale.
@@ -71,17 +75,21 @@ def graded_score(tree: Tree, task: TreeTask, node: Node, method: str) -> float:
 
 
 class _Miner:
-    def __init__(self, tree: Tree, row: dict, task: TreeTask, cfg: MiningConfig, gold_fallback: bool = False):
+    def __init__(self, tree: Tree, row: dict, task: TreeTask, cfg: MiningConfig, gold_fallback: bool = False,
+                 chosen_continuation: bool = False):
         self.tree, self.row, self.task, self.cfg = tree, row, task, cfg
-        self.gold_fallback = gold_fallback
+        self.gold_fallback, self.chosen_continuation = gold_fallback, chosen_continuation
         self.method = tree.method
         self.created_at = now_utc()
 
     # ---- records --------------------------------------------------------------------------------------------
 
-    def pair(self, kind: str, c: Node, r: Node, sc: float, sr: float, shared: str, extra: dict) -> dict:
+    def pair(self, kind: str, c: Node, r: Node, sc: float, sr: float, shared: str, extra: dict,
+             chosen_end: Node | None = None) -> dict:
+        """A pair record; `chosen_end` (a descendant of `c`) is where the chosen text stops, `c` by default."""
         t = self.tree
-        chosen, rejected = t.response(c), t.response(r)
+        end = chosen_end or c
+        chosen, rejected = t.response(end), t.response(r)
         pid = pair_id("tree", t.prompt_id, chosen, rejected)
         return {"pair_id": pid, "prompt_id": t.prompt_id, "prompt": t.prompt, "shared_prefix": shared,
                 "chosen": chosen, "rejected": rejected, "stage": "tree", "method": self.method,
@@ -92,7 +100,7 @@ class _Miner:
                 "row_key": hashlib.sha256(f"{self.row['row_key']}\0{pid}".encode()).hexdigest(),
                 "status": "ok", "error": None, "pair_type": kind, "depth": max(c.depth, r.depth),
                 "tree_id": t.tree_id, "chosen_node_id": c.node_id, "rejected_node_id": r.node_id,
-                "chosen_is_terminal": c.is_terminal, "rejected_is_terminal": r.is_terminal,
+                "chosen_is_terminal": end.is_terminal, "rejected_is_terminal": r.is_terminal,
                 "chosen_visits": c.visits, "rejected_visits": r.visits}
 
     @staticmethod
@@ -153,8 +161,24 @@ class _Miner:
             for c, r in itertools.product(right, wrong):
                 sc, sr = score01(c, self.method), score01(r, self.method)
                 if self.keep(sc, sr, self.cfg.step_min_margin):
-                    out.append(self.pair("first_wrong_step", c, r, sc, sr, prefix, extra))
+                    end, more = c, extra
+                    if self.chosen_continuation:
+                        end = self.verified_end(c)
+                        more = {**extra, "chosen_continued": end is not c,
+                                "chosen_end_node_id": end.node_id}
+                    out.append(self.pair("first_wrong_step", c, r, sc, sr, prefix, more, end))
         return out
+
+    def verified_end(self, c: Node) -> Node:
+        """The verified terminal node reached from `c` through verified children (the greedy child first, then
+        the oldest), or `c` itself when that walk stops short of a terminal."""
+        node = c
+        while not node.is_terminal:
+            kids = [k for k in self.tree.children(node) if k.correct]
+            if not kids:
+                return c
+            node = min(kids, key=lambda k: (not k.greedy, [int(p) for p in k.node_id.split(".")]))
+        return node if node.correct else c
 
     def gold_child(self, parent: Node, kids: list[Node]) -> Node | None:
         """The task's gold next line after `parent` (whose children are `kids`) as a node outside the tree, or
@@ -283,13 +307,14 @@ class _Miner:
         return pairs, [lst] if lst else []
 
 
-def mine_trees(trees: list[tuple[Tree, dict]], cfg: MiningConfig, *,
-               gold_fallback: bool = False) -> tuple[list[dict], list[dict]]:
+def mine_trees(trees: list[tuple[Tree, dict]], cfg: MiningConfig, *, gold_fallback: bool = False,
+               chosen_continuation: bool = False) -> tuple[list[dict], list[dict]]:
     """Pair records (with `extra` still a dict) and list records of (tree, row) items, duplicates removed.
     `row` needs the tree's `row_key` and `generator_model`."""
     pairs, lists = [], []
     for tree, row in trees:
-        p, ls = _Miner(tree, row, task_from_info(tree.prompt, tree.info), cfg, gold_fallback).run()
+        task = task_from_info(tree.prompt, tree.info)
+        p, ls = _Miner(tree, row, task, cfg, gold_fallback, chosen_continuation).run()
         pairs += p
         lists += ls
     return dedup(pairs), lists
@@ -314,7 +339,9 @@ def lists_table(lists: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(lists, schema=RANKED_LISTS)
 
 
-def mine(trees: pa.Table, cfg: MiningConfig, *, gold_fallback: bool = False) -> tuple[pa.Table, pa.Table]:
+def mine(trees: pa.Table, cfg: MiningConfig, *, gold_fallback: bool = False,
+         chosen_continuation: bool = False) -> tuple[pa.Table, pa.Table]:
     """(pairs, lists) tables from a TREES table, with no model calls (re-mining stored trees)."""
-    pairs, lists = mine_trees(trees_from_table(trees), cfg, gold_fallback=gold_fallback)
+    pairs, lists = mine_trees(trees_from_table(trees), cfg, gold_fallback=gold_fallback,
+                              chosen_continuation=chosen_continuation)
     return pairs_table(pairs), lists_table(lists)
