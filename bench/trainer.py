@@ -44,6 +44,7 @@ VARIANTS = [
     ("trl", {"gradient_checkpointing": False}),
     ("trl", {"gradient_checkpointing": True}),
     ("trl", {"gradient_checkpointing": False, "precompute_ref_log_probs": True}),  # TRL's own cached reference
+    ("ours", {"share_prompt": True, "lean_activations": False}),  # stock RMSNorm / MLP autograd
 ]
 
 

@@ -61,6 +61,10 @@ class TrainConfig(BaseModel):
         "it through a block mask (same log-probs; fewer tokens when prompts are long)")
     gradient_checkpointing: bool = Field(
         False, description="recompute each layer's activations in the backward (less memory, ~1/3 more compute)")
+    lean_activations: bool = Field(
+        True, description="CPU fp32: Llama-family RMSNorm and SwiGLU MLP keep fewer tensors for the backward and "
+        "recompute the rest (elementwise); same forward, gradients to float rounding (pipeline/train/lean.py). "
+        "Not applied with gradient_checkpointing (no lower peak there, and slower)")
     head_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the fused LM head")
     heap_trim_every: int = Field(
         6, ge=0, description="CPU: hand freed heap back to the OS (glibc malloc_trim) in the backward of every "
