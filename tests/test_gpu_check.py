@@ -1,5 +1,6 @@
 """bench/gpu_check.py on CPU (--device cpu --quick): every check is in the file, with values, and CUDA-only items
 say they were skipped."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_meta(results):
     meta = results["meta"]
     assert meta["device"] == "cpu" and meta["device_name"] == "CPU" and meta["quick"] is True
     assert meta["torch"] and meta["threads"] == 1 and meta["total_s"] > 0
-    assert set(results["checks"]) == {"throughput", "mfu", "head_memory", "parity"}
+    assert set(results["checks"]) == {"throughput", "mfu", "head_memory", "parity", "profile"}
     for name, check in results["checks"].items():
         assert check["seconds"] >= 0 and "error" not in check, (name, check.get("error"))
 
@@ -59,9 +60,16 @@ def test_head_memory(results):
         assert "plain_peak_mb" in c and c["memory"] == "skipped: no CUDA"
         assert c["chunked_s"] > 0 and c["plain_s"] > 0
         assert c["logits_mb_if_materialised"] == c["tokens"] * c["vocab"] * 4 / 2 ** 20
-        if c["dtype"] == "fp32":  # the fused head equals the plain one
-            assert c["max_abs_diff_logp"] < 1e-4 and c["max_abs_diff_d_weight"] < 1e-4
-            assert c["max_abs_diff_d_hidden"] < 1e-5
+        keys = ["chunked"]
+        if importlib.util.find_spec("triton") is not None:  # Triton's interpreter on CPU (tests/conftest.py)
+            assert c["triton_s"] > 0 and c["triton_peak_mb"] is None
+            keys.append("triton")
+        else:
+            assert c["triton"].startswith("skipped")
+        for key in keys:
+            if c["dtype"] == "fp32":  # the fused head equals the plain one
+                assert c[f"{key}_max_abs_diff_logp"] < 1e-4 and c[f"{key}_max_abs_diff_d_weight"] < 1e-4
+                assert c[f"{key}_max_abs_diff_d_hidden"] < 1e-5
 
 
 def test_parity_cpu_self_check(results):
@@ -72,3 +80,8 @@ def test_parity_cpu_self_check(results):
     assert p["cpu_fp32_vs_cpu_fp32"]["max_abs_d_ref_logp"] <= 1e-6
     assert len(p["loss_cpu_fp32"]) == p["steps"] and len(set(p["loss_cpu_fp32"])) > 1  # the steps train
     assert p["cpu_fp32_vs_cuda_fp32"] == p["cpu_fp32_vs_cuda_bf16"] == "skipped: no CUDA"
+
+
+def test_profile_is_cuda_only(results):
+    assert results["checks"]["profile"]["status"] == "skipped"
+    assert results["checks"]["profile"]["skipped"] == "skipped: no CUDA"

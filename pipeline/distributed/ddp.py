@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from pipeline.train.collate import collate
 from pipeline.train.forward import row_logps
-from pipeline.train.trainer import Trainer
+from pipeline.train.trainer import MetricSums, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,12 @@ class LogpModule(torch.nn.Module):
     wrapper's forward is what triggers DDP's gradient hooks and FSDP2's all-gather of the root parameters.
     """
 
-    def __init__(self, lm: torch.nn.Module, chunk_tokens: int):
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int, kernel: str = "auto"):
         super().__init__()
-        self.lm, self.chunk_tokens = lm, chunk_tokens
+        self.lm, self.chunk_tokens, self.kernel = lm, chunk_tokens, kernel
 
     def forward(self, batch):
-        return row_logps(self.lm, batch, chunk_tokens=self.chunk_tokens)
+        return row_logps(self.lm, batch, chunk_tokens=self.chunk_tokens, kernel=self.kernel)
 
 
 def _block_classes(model: torch.nn.Module) -> set[str]:
@@ -75,9 +75,10 @@ def _block_classes(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def wrap(mode: str, model: torch.nn.Module, chunk_tokens: int, device: torch.device) -> torch.nn.Module:
+def wrap(mode: str, model: torch.nn.Module, chunk_tokens: int, device: torch.device,
+         kernel: str = "auto") -> torch.nn.Module:
     """DDP or FSDP2 around a LogpModule of `model` (in place for FSDP2: the model's parameters become shards)."""
-    module = LogpModule(model, chunk_tokens)
+    module = LogpModule(model, chunk_tokens, kernel)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         # No buffer broadcast: the only buffers are rotary tables, equal on every rank.
@@ -126,7 +127,7 @@ class DistributedTrainer(Trainer):
     def setup(self) -> None:
         with _rank0_first(self.rank):
             super().setup()
-        self.wrapped = wrap(self.mode, self.model, self.cfg.head_chunk_tokens, self.device)
+        self.wrapped = wrap(self.mode, self.model, self.cfg.head_chunk_tokens, self.device, self.cfg.head_kernel)
 
     def logps(self, batch):
         return self.wrapped(batch) if self.wrapped is not None else super().logps(batch)
@@ -145,7 +146,7 @@ class DistributedTrainer(Trainer):
         micros = [groups[s:s + mb] for s in range(0, n_items, mb)]
         rounds = math.ceil(len(micros) / self.world)
         mine = micros[self.rank * rounds:(self.rank + 1) * rounds]
-        sums: dict[str, float] = {"loss": 0.0, "num_tokens": 0}
+        sums = MetricSums()
         for r in range(rounds):
             self.heap()
             micro = mine[r] if r < len(mine) else micros[0]
@@ -156,12 +157,8 @@ class DistributedTrainer(Trainer):
                     continue
                 loss, metrics = self.micro_loss(batch, n_items, n_tokens)
                 (loss * self.world).backward()
-            sums["num_tokens"] += batch.num_tokens()
-            sums["loss"] += float(loss.detach())
-            share = len(micro) / n_items
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * share
-        return self._sum_over_ranks(sums)
+            sums.add(loss, metrics, share=len(micro) / n_items, tokens=batch.num_tokens())
+        return self._sum_over_ranks(sums.result())
 
     def _sum_over_ranks(self, sums: dict) -> dict:
         every: list = [None] * self.world

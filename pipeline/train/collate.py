@@ -35,6 +35,10 @@ class Batch:
     slot: torch.Tensor             # [S] position in its group (0 = chosen, 1 = rejected for pairs)
     index: torch.Tensor            # [B] index of each group in the Encoded data
     slot_mask: torch.Tensor        # [B, K] which slots exist (lists may have different sizes)
+    # Host-side copies, kept when the tensors move to a GPU, so that the trainer never waits on the device to
+    # read them: the groups' data indices and the number of real tokens.
+    index_host: np.ndarray | None = None
+    tokens_host: int | None = None
 
     @property
     def num_groups(self) -> int:
@@ -45,11 +49,14 @@ class Batch:
         return int(self.group.numel())
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()})
+        return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
     def num_tokens(self) -> int:
         """Tokens the model actually runs on (no padding)."""
-        return int(self.attention_mask.sum())
+        return self.tokens_host if self.tokens_host is not None else int(self.attention_mask.sum())
+
+    def host_index(self) -> np.ndarray:
+        return self.index_host if self.index_host is not None else self.index.cpu().numpy()
 
     def scatter(self, per_seq: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """[S] values -> [B, K] by (group, slot); missing slots get `fill`."""
@@ -142,5 +149,6 @@ def collate(data: Encoded, indices, pad_id: int, share_prompt: bool = False, wit
     slot_mask = torch.zeros(len(indices), int(slot.max()) + 1, dtype=torch.bool)
     slot_mask[group, slot] = True
     as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    index = torch.tensor(indices)
     return Batch(input_ids, attn, _pad(pos, 0), segments, as_t(src), as_t(tgt), as_t(seq), group, slot,
-                 torch.tensor(indices), slot_mask)
+                 index, slot_mask, index_host=index.numpy().copy(), tokens_host=int(lengths.sum()))

@@ -66,6 +66,14 @@ class TrainConfig(BaseModel):
         "recompute the rest (elementwise); same forward, gradients to float rounding (pipeline/train/lean.py). "
         "Not applied with gradient_checkpointing (no lower peak there, and slower)")
     head_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the fused LM head")
+    sdpa_backends: Literal["auto"] | list[Literal["flash", "efficient", "cudnn", "math"]] | None = Field(
+        "auto", description="attention kernels scaled_dot_product_attention may pick, in torch's order of "
+        "preference; None = torch's default (cuDNN first on Hopper, which builds a plan for every new sequence "
+        "shape: hundreds of ms each); auto = [flash, efficient, math] on CUDA (flash for the causal separate "
+        "layout, efficient for share_prompt's masks), torch's default on CPU")
+    head_kernel: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="elementwise work of the chunked head: triton (fused kernels, CUDA), torch, or auto "
+        "(triton on CUDA when it imports, else torch; pipeline/train/head.py)")
     heap_trim_every: int = Field(
         6, ge=0, description="CPU: hand freed heap back to the OS (glibc malloc_trim) in the backward of every "
         "N-th decoder layer, at each micro-batch start and at the end of the forward, wherever >= 32 MB is free; "

@@ -29,7 +29,8 @@ def backbone_and_head(model):
     return body, head
 
 
-def row_logps(model, batch: Batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fused: bool = True) -> RowLogps:
+def row_logps(model, batch: Batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fused: bool = True,
+              kernel: str = "auto") -> RowLogps:
     """Per-sequence sums of log p(completion token | everything before it) for a collated batch.
 
     Only the hidden states named by the batch's scoring plan reach the head (prompt and padding never do).
@@ -45,7 +46,8 @@ def row_logps(model, batch: Batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, fus
                   position_ids=batch.position_ids).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.src)
     if fused:
-        tok = chunked_logprobs(h, head.weight, batch.tgt, bias=head.bias, chunk_tokens=chunk_tokens)
+        tok = chunked_logprobs(h, head.weight, batch.tgt, bias=head.bias, chunk_tokens=chunk_tokens,
+                               kernel=kernel)
     else:
         tok = plain_logprobs(h, head.weight, batch.tgt, bias=head.bias)
     n = batch.num_sequences

@@ -8,12 +8,48 @@ after it), and accumulates the weight gradient across chunks in fp32.
 
 d logp_i / d z_ij = 1[j = y_i] - softmax(z_i)_j, so for an upstream gradient g_i the logits gradient of a
 chunk is g_i * (onehot - p); dH = dZ @ W and dW = dZ^T @ H.
+
+Two kernels do the elementwise work on each chunk's logits (`kernel=`):
+  torch   fp32 copy of the chunk, then separate torch ops; the only one on CPU.
+  triton  head_triton.py: one fused pass per direction, reading the logits in their own dtype (bf16 under
+          autocast) with fp32 arithmetic, and writing the logits gradient in place: no fp32 [chunk, V] buffer.
+  auto    (default) triton when the tensors are on CUDA and triton imports, else torch.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 DEFAULT_CHUNK_TOKENS = 1024
+KERNELS = ("auto", "torch", "triton")
+
+
+def _triton_module():
+    try:
+        from pipeline.train import head_triton
+    except ImportError as e:  # no triton in this environment
+        return None, e
+    return head_triton, None
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """'torch' or 'triton' for tensors on `device` (see the module docstring)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"head kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "torch":
+        return kernel
+    if kernel == "auto" and device.type != "cuda":
+        return "torch"
+    mod, err = _triton_module()
+    if kernel == "auto":
+        return "triton" if mod is not None else "torch"
+    if mod is None:
+        raise ImportError(f"head kernel triton asked for but triton does not import: {err}")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"head kernel triton needs CUDA tensors (got {device.type}; or set TRITON_INTERPRET=1 "
+                         "before import to run it in Triton's interpreter)")
+    return kernel
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -38,8 +74,9 @@ def _fp32_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
 
 class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, kernel):  # type: ignore[override]
         cdt = _compute_dtype(weight)
+        fused = _triton_module()[0] if kernel == "triton" else None
         with torch.autocast(weight.device.type, enabled=False):
             w = weight.to(cdt)
             b = bias.to(cdt) if bias is not None else None
@@ -50,6 +87,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
             for s in range(0, n, chunk_tokens):
                 e = min(s + chunk_tokens, n)
                 last = z = None  # the previous chunk's buffer goes before this one is allocated
+                if fused is not None:  # one read of the compute-dtype logits, kept as they are
+                    z = _chunk_logits(hidden[s:e].to(cdt), w, b)
+                    chunk_lse, target_logit = fused.lse_and_target(z, targets[s:e])
+                    lse[s:e] = chunk_lse
+                    logps[s:e] = target_logit - chunk_lse
+                    last = (s, z, None)
+                    continue
                 z = _fp32_logits(hidden[s:e].to(cdt), w, b)
                 target_logit = z.gather(1, targets[s:e, None]).squeeze(1)
                 # logsumexp in place on the one [chunk, V] buffer (torch.logsumexp would allocate a second)
@@ -60,7 +104,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 logps[s:e] = target_logit - chunk_lse
                 last = (s, z, total)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_tokens, ctx.cdt = chunk_tokens, cdt
+        ctx.chunk_tokens, ctx.cdt, ctx.fused = chunk_tokens, cdt, fused
         # The last chunk's exp(z - max) and its row sums stay for the backward, which starts right after the
         # loss: that chunk's logits are not recomputed (one [chunk, V] GEMM of its four; with N <= chunk_tokens,
         # the only chunk). Little else is live between the head's forward and its backward, so the peak holds.
@@ -86,14 +130,19 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 h = hidden[s:e].to(cdt)
                 g = g_all[s:e]
                 # softmax, then dz = g * (onehot - p), all in place on one [chunk, V] fp32 buffer
-                if last is not None and last[0] == s:
+                if ctx.fused is not None:  # in place on the compute-dtype logits, in one kernel
+                    z = last[1] if last is not None and last[0] == s else _chunk_logits(h, w, b)
+                    last = None
+                    dz = ctx.fused.dlogits_inplace(z, targets[s:e], lse[s:e], g)
+                elif last is not None and last[0] == s:
                     dz = last[1].mul_((-g / last[2])[:, None])  # exp(z - max) / its row sum = p
                     last = None
                 else:
                     dz = _fp32_logits(h, w, b).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
-                dz.scatter_add_(1, targets[s:e, None], g[:, None])
+                if ctx.fused is None:
+                    dz.scatter_add_(1, targets[s:e, None], g[:, None])
                 if need_b:
-                    grad_b += dz.sum(0)
+                    grad_b += dz.float().sum(0)
                 dz_c = dz.to(cdt)
                 if need_h:
                     grad_h[s:e] = (dz_c @ w).to(hidden.dtype)
@@ -105,14 +154,16 @@ class _ChunkedLogProbs(torch.autograd.Function):
         return (grad_h,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None,
-                None, None)
+                None, None, None)
 
 
 def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     bias: torch.Tensor | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                     kernel: str = "auto") -> torch.Tensor:
     """log softmax(hidden @ weight.T + bias)[i, targets[i]] for each row i, as fp32 [N].
 
-    hidden [N, H] (only the positions to score), weight [V, H], bias [V] or None, targets [N] int64.
+    hidden [N, H] (only the positions to score), weight [V, H], bias [V] or None, targets [N] int64;
+    kernel: auto | torch | triton (module docstring).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"shapes do not fit: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
@@ -120,7 +171,8 @@ def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
     if chunk_tokens < 1:
         raise ValueError("chunk_tokens must be >= 1")
-    return _ChunkedLogProbs.apply(hidden, weight, bias, targets.long(), chunk_tokens)
+    kernel = resolve_kernel(kernel, hidden.device)
+    return _ChunkedLogProbs.apply(hidden, weight, bias, targets.long(), chunk_tokens, kernel)
 
 
 def plain_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

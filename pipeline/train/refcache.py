@@ -35,7 +35,8 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own buffer (sha256 reads it in place; .tobytes() would copy it first)
+            h.update(t.view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -91,7 +92,8 @@ class RefLogps:
 @torch.no_grad()
 def compute_ref_logps(model, data: Encoded, pad_id: int, batch_groups: int = 16, device="cpu",
                       autocast_dtype: torch.dtype | None = None, chunk_tokens: int = 1024,
-                      share_prompt: bool = False, logps_fn=None) -> tuple[list[list[float]], int]:
+                      share_prompt: bool = False, logps_fn=None,
+                      kernel: str = "auto") -> tuple[list[list[float]], int]:
     """Summed completion log-probs of every completion, in one no-grad pass. Groups are batched in length
     order so padding stays small. `logps_fn(batch)` replaces the plain `row_logps(model, ...)` call (the trainer
     passes its hook, which under torchrun runs the wrapped model). Returns (per-group lists, forwards)."""
@@ -106,7 +108,8 @@ def compute_ref_logps(model, data: Encoded, pad_id: int, batch_groups: int = 16,
         batch = collate(data, idx, pad_id, share_prompt, with_extra=False).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            res = logps_fn(batch) if logps_fn is not None else row_logps(model, batch, chunk_tokens=chunk_tokens)
+            res = (logps_fn(batch) if logps_fn is not None
+                   else row_logps(model, batch, chunk_tokens=chunk_tokens, kernel=kernel))
         forwards += 1
         per = batch.scatter(res.logps.double(), fill=float("nan")).cpu()
         for b, gi in enumerate(idx):
@@ -137,7 +140,7 @@ def _read_cached(path: Path, data: Encoded, kind: str) -> list[list[float]] | No
 def reference_logps(model_fn, weights: str, tokenizer, tok_cfg: TokenizeConfig, table: pa.Table,
                     data: Encoded, kind: str, cache_dir: str | Path, pad_id: int, *, batch_groups: int = 16,
                     device="cpu", autocast_dtype: torch.dtype | None = None,
-                    chunk_tokens: int = 1024, share_prompt: bool = False) -> RefLogps:
+                    chunk_tokens: int = 1024, share_prompt: bool = False, kernel: str = "auto") -> RefLogps:
     """The cached reference log-probs for `data`, computing them (and writing the cache) on a miss.
 
     `model_fn()` returns the reference model; it is only called on a miss, so a warm cache never loads it.
@@ -151,7 +154,7 @@ def reference_logps(model_fn, weights: str, tokenizer, tok_cfg: TokenizeConfig, 
         if cached is not None:
             return RefLogps(cached, path, reused=True, forwards=0)
     per_group, forwards = compute_ref_logps(model_fn(), data, pad_id, batch_groups, device, autocast_dtype,
-                                            chunk_tokens, share_prompt)
+                                            chunk_tokens, share_prompt, kernel=kernel)
     kept = table.take(pa.array(data.rows))
     kept = kept.drop_columns([c for c in ("source_row", "ref_chosen_logp", "ref_rejected_logp", "ref_logps")
                               if c in kept.column_names])

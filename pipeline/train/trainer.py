@@ -16,6 +16,7 @@ gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +50,45 @@ class TrainResult:
     ref_reused: bool | None = None
     ref_forwards: int = 0
     drift: dict | None = None
+
+
+def sdpa_context(names: str | list[str] | None, device: torch.device):
+    """The attention kernels SDPA may use inside the block (TrainConfig.sdpa_backends); None: no restriction."""
+    if names == "auto":
+        names = ["flash", "efficient", "math"] if device.type == "cuda" else None
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([table[n] for n in names])
+
+
+class MetricSums:
+    """A step's metrics summed over its micro-batches on the device, read back in one transfer at the end: a
+    float() per metric per micro-batch would make the host wait for the GPU a dozen times a step."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor | float] = {}
+        self.tokens = 0
+
+    def add(self, loss: torch.Tensor, metrics: dict, share: float, tokens: int) -> None:
+        """loss is already scaled to the global batch; metrics are means over the micro-batch (weight `share`)."""
+        self.tokens += tokens
+        items = [("loss", loss.detach(), 1.0)] + [(k, v, share) for k, v in metrics.items()]
+        for k, v, w in items:
+            v = v.detach().double() * w if isinstance(v, torch.Tensor) else float(v) * w
+            self.values[k] = self.values[k] + v if k in self.values else v
+
+    def result(self) -> dict:
+        keys = [k for k, v in self.values.items() if isinstance(v, torch.Tensor)]
+        out: dict = {k: v for k, v in self.values.items() if not isinstance(v, torch.Tensor)}
+        if keys:
+            flat = torch.stack([self.values[k].reshape(()).to(self.values[keys[0]].device) for k in keys]).tolist()
+            out.update(zip(keys, flat))
+        out.setdefault("loss", 0.0)
+        out["num_tokens"] = self.tokens
+        return out
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -182,13 +222,17 @@ class Trainer:
     def prepare_reference(self) -> None:
         if not self.needs_reference():
             return
+        with sdpa_context(self.cfg.sdpa_backends, self.device):
+            self._prepare_reference()
+
+    def _prepare_reference(self) -> None:
         cache_dir = self.cfg.ref_cache_dir or str(Path(self.cfg.data).resolve().parent / "refcache")
         kind = "pairs" if self.kind == "pairs" else "lists"
         res = reference_logps(self._load_ref_model, self._ref_weights_id(), self.tokenizer, self.cfg.tokenize,
                               self.table, self.data, kind, cache_dir, self.pad_id,
                               batch_groups=self.cfg.ref_batch_size, device=self.device,
                               autocast_dtype=self.autocast, chunk_tokens=self.cfg.head_chunk_tokens,
-                              share_prompt=self.cfg.share_prompt)
+                              share_prompt=self.cfg.share_prompt, kernel=self.cfg.head_kernel)
         self.ref = _padded(res.per_group)
         self.ref_info = {"path": str(res.path), "reused": res.reused, "forwards": res.forwards}
         if self.cfg.pair_filter == "hard" and self.kind == "pairs":
@@ -206,7 +250,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loss
     def _group_tensor(self, batch: Batch, values: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(values[batch.index.cpu().numpy()], dtype=torch.float32, device=self.device)
+        return torch.as_tensor(values[batch.host_index()], dtype=torch.float32, device=self.device)
 
     def micro_loss(self, batch: Batch, n_items: int, n_tokens: float) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch, already scaled so that summing over the accumulation window gives the
@@ -228,7 +272,7 @@ class Trainer:
             return pair_loss(pb, self.cfg.loss, self.loss_state, num_items_in_global_batch=n_items,
                              num_tokens_in_global_batch=n_tokens)
         scores = torch.zeros_like(pol)
-        for b, gi in enumerate(batch.index.tolist()):
+        for b, gi in enumerate(batch.host_index().tolist()):
             s = self.data.scores[gi]
             scores[b, :len(s)] = torch.tensor(s, dtype=scores.dtype)
         lb = ListBatch(pol, torch.nan_to_num(ref) if ref is not None else None, tok.clamp(min=1), scores,
@@ -297,19 +341,15 @@ class Trainer:
         """Forward + backward of one global batch, split into micro-batches; gradients add up in .grad."""
         n_items = len(groups)
         n_tokens = float(sum(len(self.data.completions[g][0]) for g in groups))
-        sums: dict[str, float] = {"loss": 0.0, "num_tokens": 0}
+        sums = MetricSums()
         for s in range(0, n_items, self.cfg.micro_batch):
             self.heap()  # the previous step's freed gradients and activations go back to the OS
             micro = groups[s:s + self.cfg.micro_batch]
             batch = collate(self.data, micro, self.pad_id, self.cfg.share_prompt).to(self.device)
             loss, metrics = self.micro_loss(batch, n_items, n_tokens)
             loss.backward()
-            sums["num_tokens"] += batch.num_tokens()
-            sums["loss"] += float(loss.detach())
-            share = len(micro) / n_items  # metrics are means over the micro-batch
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * share
-        return sums
+            sums.add(loss, metrics, share=len(micro) / n_items, tokens=batch.num_tokens())
+        return sums.result()
 
     def step(self, groups: list[int], optimizer: torch.optim.Optimizer, lr: float) -> dict:
         """One optimizer step over `groups`. Returns the step's metrics (grad_norm before clipping)."""
@@ -347,6 +387,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        with sdpa_context(cfg.sdpa_backends, self.device):
+            return self._train(out)
+
+    def _train(self, out: Path) -> TrainResult:
+        cfg = self.cfg
         self.setup()
         if self.kind == "pairs" and cfg.grad_accum > 1 and set(cfg.loss.loss_types) & BATCH_COUPLED_TYPES:
             log.warning("loss %s couples pairs within a batch: with grad_accum > 1 it sees micro-batches only",
@@ -394,7 +439,7 @@ class Trainer:
 
     # Hooks the data-parallel trainer (pipeline/distributed/ddp.py) overrides.
     def logps(self, batch: Batch):
-        return row_logps(self.model, batch, chunk_tokens=self.cfg.head_chunk_tokens)
+        return row_logps(self.model, batch, chunk_tokens=self.cfg.head_chunk_tokens, kernel=self.cfg.head_kernel)
 
     def clip_grad_norm(self, params, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
