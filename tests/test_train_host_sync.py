@@ -76,3 +76,19 @@ def test_sdpa_math_only_trains_the_same(tmp_path):
     # gradients (not weights: Adam turns rounding-level gradient differences into lr-sized steps where the
     # gradient is near zero) agree to 1e-5 relative
     assert max(abs(a - b) / a for a, b in zip(g_a, g_b)) < 1e-5
+
+
+def test_reference_prepared_once_per_trainer(tmp_path, monkeypatch):
+    """train() after an explicit prepare_reference() keeps that reference: no second weight hash or cache read."""
+    trainer = Trainer(_cfg(tmp_path, "once"))
+    trainer.prepare_reference()
+    ref, first = trainer.ref, dict(trainer.ref_info)
+    assert first["reused"] is False and first["forwards"] > 0
+
+    def no_second_hash():
+        raise AssertionError("the weights were hashed again")
+    monkeypatch.setattr(trainer, "_ref_weights_id", no_second_hash)
+    result = trainer.train()
+    assert trainer.ref is ref and result.ref_reused is True and result.ref_forwards == 0
+    assert trainer.ref_info["path"] == first["path"]
+    assert abs(result.history[0]["loss"] - 0.6931472) < 1e-5

@@ -149,6 +149,5 @@ def collate(data: Encoded, indices, pad_id: int, share_prompt: bool = False, wit
     slot_mask = torch.zeros(len(indices), int(slot.max()) + 1, dtype=torch.bool)
     slot_mask[group, slot] = True
     as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    index = torch.tensor(indices)
     return Batch(input_ids, attn, _pad(pos, 0), segments, as_t(src), as_t(tgt), as_t(seq), group, slot,
-                 index, slot_mask, index_host=index.numpy().copy(), tokens_host=int(lengths.sum()))
+                 torch.tensor(indices), slot_mask, index_host=np.asarray(indices), tokens_host=int(lengths.sum()))

@@ -129,7 +129,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 e = min(s + chunk_tokens, hidden.shape[0])
                 h = hidden[s:e].to(cdt)
                 g = g_all[s:e]
-                # softmax, then dz = g * (onehot - p), all in place on one [chunk, V] fp32 buffer
+                # softmax, then dz = g * (onehot - p), in place on one [chunk, V] buffer: the compute-dtype logits
+                # in one Triton kernel, or (torch) an fp32 copy and separate ops
                 if ctx.fused is not None:  # in place on the compute-dtype logits, in one kernel
                     z = last[1] if last is not None and last[0] == s else _chunk_logits(h, w, b)
                     last = None

@@ -10,9 +10,9 @@ backward:
   lse_rows     per row: an online logsumexp over V (running max and rescaled sum, fp32) and the target logit.
   dlogits_rows per row, in place: z_j <- g * (1[j = y] - exp(z_j - lse)), stored back in z's dtype.
 
-One program handles one row and walks V in BLOCK columns (2,048 by default; see FWD_WARPS). `TRITON_INTERPRET=1` (set before this module is
-imported) runs the same kernels on CPU tensors through Triton's interpreter: that is how the tests check them
-on a machine without a GPU.
+One program handles one row and walks V in BLOCK columns (2,048 by default; see FWD_WARPS).
+`TRITON_INTERPRET=1` (set before triton is imported) runs the same kernels on CPU tensors through Triton's
+interpreter: that is how the tests check them on a machine without a GPU.
 """
 from __future__ import annotations
 

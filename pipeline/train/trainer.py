@@ -220,7 +220,12 @@ class Trainer:
         return "sd:" + state_dict_hash(self.model)
 
     def prepare_reference(self) -> None:
+        """The reference log-probs of the initial policy (or ref_model), once per Trainer: a second call (train()
+        after an explicit prepare_reference()) keeps them, without hashing the weights or reading the cache again."""
         if not self.needs_reference():
+            return
+        if self.ref is not None:
+            self.ref_info = {**self.ref_info, "reused": True, "forwards": 0}
             return
         with sdpa_context(self.cfg.sdpa_backends, self.device):
             self._prepare_reference()
