@@ -1,4 +1,4 @@
-"""Stage fingerprints and row keys (DESIGN §2).
+"""Stage fingerprints and row keys (docs/store.md).
 
 A fingerprint is the sha256 of the canonical JSON of everything that decides a stage's output: stage name and
 version, its config, the model id and weights hash, sampling parameters and template text. A row key is

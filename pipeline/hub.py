@@ -1,4 +1,4 @@
-"""Hugging Face Hub export (DESIGN §8): a run directory -> an export folder -> (optionally) a Hub dataset repo.
+"""Hugging Face Hub export (docs/export.md): a run directory -> an export folder -> (optionally) a Hub dataset repo.
 
     export/
       README.md                                   dataset card (hub_card.py)

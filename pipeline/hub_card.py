@@ -1,4 +1,4 @@
-"""The dataset card of an export (DESIGN §8): YAML front matter that `datasets` and the Hub read, and a body
+"""The dataset card of an export (docs/export.md): YAML front matter that `datasets` and the Hub read, and a body
 that says what is in the data and what is not.
 
 Everything in the card is computed from the exported tables and the stage manifests; nothing is typed in by

@@ -1,4 +1,4 @@
-"""What every stage has: a typed config, a run function, and a registry entry (DESIGN §2).
+"""What every stage has: a typed config, a run function, and a registry entry (docs/architecture.md).
 
 Stages register themselves by name (`@register_stage`); the engine looks them up and never imports a stage.
 

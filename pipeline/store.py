@@ -1,4 +1,4 @@
-"""The run store: a run directory of stage folders holding parquet shards and a manifest (DESIGN §3).
+"""The run store: a run directory of stage folders holding parquet shards and a manifest (docs/store.md).
 
     runs/<run>/<stage>/part-00000.parquet   (main output; other outputs as <name>-00000.parquet)
     runs/<run>/<stage>/manifest.json

@@ -1,7 +1,7 @@
 """Arrow schemas for every table that crosses a stage boundary.
 
 Columns marked non-nullable must be present and non-null. Stages may add their own typed, nullable
-columns after the declared ones (stages.md §0.1); `validate` keeps extra columns as they are.
+columns after the declared ones (docs/tables.md); `validate` keeps extra columns as they are.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _f(name: str, type_: pa.DataType, nullable: bool = True) -> pa.Field:
     return pa.field(name, type_, nullable=nullable)
 
 
-# Provenance and status columns carried by every generated row (DESIGN §2).
+# Provenance and status columns carried by every generated row (docs/tables.md).
 _STATUS = [
     _f("row_key", pa.string(), False),      # sha256(stage fingerprint, input row id, sample index)
     _f("status", pa.string(), False),       # ok | failed | filtered

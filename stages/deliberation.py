@@ -1,4 +1,4 @@
-"""Stage 4: agentic deliberation CoT (AIDSAFE) and belief-augmented preference pairs (stages.md §4).
+"""Stage 4: agentic deliberation CoT (AIDSAFE) and belief-augmented preference pairs (docs/stages.md).
 
 SFT data, per prompt (every step is one batched call over all live prompts of the shard):
   1. intents     agent D lists the request's intents, each marked (benign) or (harmful); the first line is the
@@ -581,7 +581,7 @@ def _check_input(rows: pa.Table) -> None:
 @register_stage("deliberation", config=DeliberationConfig, input_kind="prompts",
                 outputs={"main": "pairs", "sft": "generations"})
 def run(rows: pa.Table, cfg: DeliberationConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
-    """AIDSAFE: intents -> agent deliberation -> refined CoT (sft), plus belief-augmented pairs (stages.md §4)."""
+    """AIDSAFE: intents -> agent deliberation -> refined CoT (sft), plus belief-augmented pairs (docs/stages.md)."""
     _check_input(rows)
     state = [Row(r) for r in rows.to_pylist()]
     Deliberation(state, cfg, backend, ctx.seed).run()

@@ -1,4 +1,4 @@
-"""Stage 5: intervened pairs (stages.md §5, "Intervened Preference Optimization"; [summary], no reference code).
+"""Stage 5: intervened pairs (docs/stages.md, "Intervened Preference Optimization"; [summary], no reference code).
 
 Sample K trajectories per prompt, find the unit (step line or sentence) to intervene on with a configurable
 detector, substitute a correction or a trigger, regenerate the rest with `backend.continue_`, and pair the

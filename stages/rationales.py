@@ -1,4 +1,4 @@
-"""Stage 2: rationale enrichment for RDPO (stages.md §2; reference: reds-lab/preference-learning-with-rationales).
+"""Stage 2: rationale enrichment for RDPO (docs/stages.md; reference: reds-lab/preference-learning-with-rationales).
 
 Each input pair (x, y_w, y_l) gets a rationale r: a short machine-written explanation of why y_w wins. The
 trainer adds a likelihood term for r conditioned on `rationale_prompt` (pipeline/train/losses/rationale.py).
@@ -6,13 +6,13 @@ trainer adds a likelihood term for r conditioned on `rationale_prompt` (pipeline
 Position shortcut. The reference code always shows the chosen response first ("Response above"). Here the
 order is drawn per row (`order="random"`, seeded by the stage fingerprint and the pair id, so a resumed or
 re-sharded run draws the same order) and recorded in `rationale_order` (chosen_first | rejected_first). The
-prompts therefore name the responses "A" and "B" and state which one is preferred (stages.md §2 "random
-requires wording the rationale prompt with labels"). `order="chosen_first"` reproduces the reference layout.
+prompts therefore name the responses "A" and "B" and state which one is preferred (a random order
+needs the labels in the rationale prompt). `order="chosen_first"` reproduces the reference layout.
 
 Generation. One batched call per attempt for all pairs of a shard. By default the assistant turn is started
 with a lead ("Response B is better because") and the model continues it, which keeps even a 135M model on
 format; `lead=""` lets the model write freely. Greedy by default; rows whose rationale fails the checks are
-regenerated up to `max_attempts` times at `retry_temperature` (stages.md §2 "reject and regenerate").
+regenerated up to `max_attempts` times at `retry_temperature` (reject and regenerate).
 
 Checks (stages._judge; every failure is kept as a row with status `filtered` and an error text whose first
 word is the category, counted by `stages._judge.parse_report`):
@@ -209,7 +209,7 @@ def _output_table(rows: pa.Table, updates: dict[str, list], stage_cols: dict[str
 @register_stage("rationales", config=RationaleConfig, input_kind="pairs", outputs={"main": "pairs"},
                 id_column="pair_id")
 def run(rows: pa.Table, cfg: RationaleConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
-    """RDPO rationales: why the chosen response wins, A/B order randomised and recorded (stages.md §2)."""
+    """RDPO rationales: why the chosen response wins, A/B order randomised and recorded (docs/stages.md)."""
     records = rows.to_pylist()
     _check_input(records)
     live = [i for i, r in enumerate(records) if r.get("status", "ok") == "ok"]

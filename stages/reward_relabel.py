@@ -1,4 +1,4 @@
-"""Stage 3: reward-augmented relabeling (stages.md §3; reference: shenao-zhang/reward-augmented-preference).
+"""Stage 3: reward-augmented relabeling (docs/stages.md; reference: shenao-zhang/reward-augmented-preference).
 
 Every kept input pair becomes exactly two goal-conditioned rows:
 
@@ -317,7 +317,7 @@ def _dropped_row(row: dict, reason: str, cs, rs, cfg: RewardRelabelConfig, ctx: 
 @register_stage("reward-relabel", config=RewardRelabelConfig, input_kind="pairs", outputs={"main": "pairs"},
                 needs_backend=False, id_column="pair_id")
 def run(rows: pa.Table, cfg: RewardRelabelConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
-    """Reward-augmented relabeling: two goal-conditioned rows per pair, the second flipped (stages.md §3)."""
+    """Reward-augmented relabeling: two goal-conditioned rows per pair, the second flipped (docs/stages.md)."""
     records = rows.to_pylist()
     live = [r for r in records if r.get("status", "ok") == "ok"]
     cs, rs, errs = score_pairs(live, cfg, backend) if live else ([], [], [])

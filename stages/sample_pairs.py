@@ -1,7 +1,7 @@
 """sample-pairs: the naive final-answer baseline. K samples per problem; chosen = a sample with the right final
 answer, rejected = one with a wrong answer; no step checks.
 
-This is the data DESIGN §4 measured to make a tiny policy worse (61 % of such "chosen" samples had a wrong
+This is the kind of data measured to make a tiny policy worse (61 % of such "chosen" samples had a wrong
 intermediate step). It exists so runs can show that next to step-verified tree pairs at equal compute.
 `chosen_requires: steps` turns it into a stronger baseline whose chosen side must be step-verified too.
 """

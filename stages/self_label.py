@@ -1,4 +1,4 @@
-"""Stage 6: self-generated preference labels (SPA / Selfie, stages.md §6; reference: kingdy2002/SPA).
+"""Stage 6: self-generated preference labels (SPA / Selfie, docs/stages.md; reference: kingdy2002/SPA).
 
 Label one prompt:
     K samples y_1..y_K ~ π (one `generate` call with n=K for the whole shard)

@@ -1,4 +1,4 @@
-"""Stage 1: tree-search preference trees (stages.md §1): PRISM MCTS, Tree-PLV best-first, TPO ranked lists.
+"""Stage 1: tree-search preference trees (docs/stages.md): PRISM MCTS, Tree-PLV best-first, TPO ranked lists.
 
 One shard at a time (the engine does sharding, resume and writing):
   1. every input row becomes a tree with its task (gold answer; the exact step verifier on the bundled task);

@@ -1,5 +1,5 @@
-"""Independent float64 reference of the preference losses, written from the formulas in specs/losses.md and
-specs/stages.md §6-§7 with plain Python `math` over lists (no torch), plus central finite differences for
+"""Independent float64 reference of the preference losses, written from the formulas of the papers docs/trainer.md lists
+(TRL's losses, the seed papers) with plain Python `math` over lists (no torch), plus central finite differences for
 gradients. Quantities the real losses compute without gradient (WPO weights, BCO baseline, SPA confidence,
 LCPO posteriors, lambda ranks) are computed once at the unperturbed point ("frozen") and held fixed while
 differencing, which is exactly what detaching means.

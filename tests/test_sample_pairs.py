@@ -27,7 +27,7 @@ def _texts(problems):
     for p in problems:
         gold = p.gold_solution
         wrong_answer = gold.rsplit("Answer:", 1)[0] + f"Answer: {p.answer + 1}"
-        # right final answer, wrong step 1 (the kind of "chosen" DESIGN §4 warns about)
+        # right final answer, wrong step 1 (a right answer through a wrong step)
         lines = gold.split("\n")
         lines[0] = lines[0].rsplit("=", 1)[0] + f"= {int(lines[0].rsplit('=', 1)[1]) + 1}"
         lucky = "\n".join(lines)

@@ -38,7 +38,7 @@ def _backend():
 def test_pair_quality_on_the_tiny_policy(variant):
     backend = _backend()
     table = problems_to_table(make_split(TaskConfig.tiny(), "eval", N_PROBLEMS))
-    # PRISM MCTS expands one node per iteration: 32 (stages.md §1.7's low end) reaches the answers of a 3-4 step
+    # PRISM MCTS expands one node per iteration: 32 (low end for small models) reaches the answers of a 3-4 step
     # problem; best-first makes k = 4 children per expansion, so 8 expansions suffice.
     cfg = TreeSearchConfig(variant=variant, iterations=32, expansion_budget=8)
     out = run(table, cfg, backend, StageContext(f"quality-{variant}", 0, 11))

@@ -1,4 +1,4 @@
-"""Tree-PLV best-first search (stages.md §1.3), in lock-step over every tree of a shard.
+"""Tree-PLV best-first search (docs/stages.md), in lock-step over every tree of a shard.
 
 Each tree keeps a frontier of unexpanded nodes keyed by value R (share of N rollouts reaching the gold
 answer; a terminal node's R is its answer check). Each round every active tree pops its best node; all pops

@@ -1,5 +1,5 @@
-"""Typed settings of Stage 1. Defaults follow stages.md §1.2-§1.7 (PRISM's numbers where it has them, scaled
-down for small models as §1.7 recommends). All fields are flat so each one is a `prefpipe stage tree-search`
+"""Typed settings of Stage 1. Defaults follow the papers (docs/stages.md; PRISM's numbers where it has them, scaled
+down for small models: 32-64 MCTS iterations). All fields are flat so each one is a `prefpipe stage tree-search`
 option; lists come from the YAML file."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class SearchConfig(BaseModel):
     # --- search shape
     expansion_width: int = Field(3, ge=1, description="continuations sampled per expansion (PRISM width)")
     max_depth: int = Field(8, ge=1, description="deepest step a node may have")
-    iterations: int = Field(24, ge=1, description="MCTS iterations per tree (PRISM: 200; §1.7: 32-64)")
+    iterations: int = Field(24, ge=1, description="MCTS iterations per tree (PRISM: 200; 32-64 suit small models)")
     ucb_c: float = Field(1.5, ge=0, description="UCB exploration constant c")
     visit_all_nodes: bool = Field(True, description="MCTS finalisation: evaluate every unvisited node once")
     rollouts: int = Field(8, ge=1, description="rollouts per node for the rollout value (Tree-PLV N)")
@@ -80,7 +80,7 @@ class MiningConfig(BaseModel):
     max_gb_ratio: int = Field(4, ge=1, description="PRISM: most times the shorter terminal list is tiled")
     value_gap_alpha: float = Field(0.375, ge=0, description="Tree-PLV: min success-rate gap of a step pair")
     step_min_margin: float = Field(0.375, ge=0, description=(
-        "first_wrong_step: min gap of the [0, 1] scores (rollout shares); stages.md §1.8 targets validity >= 0.9 "
+        "first_wrong_step: min gap of the [0, 1] scores (rollout shares); the stage aims at validity >= 0.9 "
         "at Tree-PLV's alpha = 0.375. 0 keeps every verified pair (the step verifier alone decides)"))
     step_rejected: Literal["any", "greedy"] = Field(
         "any", description="first_wrong_step: which wrong siblings may be the rejected side. greedy: only the "

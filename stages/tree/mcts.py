@@ -1,4 +1,4 @@
-"""PRISM MCTS (stages.md §1.2), run in lock-step over every tree of a shard.
+"""PRISM MCTS (docs/stages.md), run in lock-step over every tree of a shard.
 
 One iteration of one tree, as PRISM does it:
   select  - from the root, while the node has children, take the child with the highest UCB score

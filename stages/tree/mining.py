@@ -1,4 +1,4 @@
-"""Pairs and ranked lists from stored trees (stages.md §1.2 pair extraction, §1.3, §1.5), with no model calls.
+"""Pairs and ranked lists from stored trees (docs/stages.md: PRISM, Tree-PLV and TPO pairing), with no model calls.
 
 `mine(trees_table, cfg)` works on any TREES table, so a stored tree can be re-mined with other thresholds.
 

@@ -1,4 +1,4 @@
-"""Search trees in memory and as rows of the TREES table (stages.md §1.1).
+"""Search trees in memory and as rows of the TREES table (docs/stages.md).
 
 A node is one step (one line on the bundled task). Node ids follow PRISM's tag scheme: the root is "0", its
 children "0.1", "0.2", ..., so an id names its path. A node's trajectory is the step texts from the root's
@@ -132,7 +132,7 @@ class Tree:
 
 
 def search_stats(tree: Tree) -> dict:
-    """Yield numbers of one tree (stages.md §1.8): size, realised branching, depth histogram, duplicate rate."""
+    """Yield numbers of one tree: size, realised branching, depth histogram, duplicate rate."""
     nodes = list(tree.nodes.values())
     expanded = [n for n in nodes if n.children]
     depths: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Stage-1 quality numbers (stages.md §1.8), re-verified from the pair TEXTS (not from the node flags):
+"""Stage-1 quality numbers (docs/stages.md), re-verified from the pair TEXTS (not from the node flags):
 
 - terminal pairs: share whose chosen states the gold answer and whose rejected does not; share whose chosen is
   right at every step (step verifier);

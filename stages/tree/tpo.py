@@ -1,4 +1,4 @@
-"""TPO ranked-list trees (stages.md §1.5), batched over every tree of a shard.
+"""TPO ranked-list trees (docs/stages.md), batched over every tree of a shard.
 
 With gold steps (the bundled task): the gold solution is a path in the tree; `num_branches` branch points are
 drawn by shuffling range(T) (padded with random indices when T < num_branches), and the policy continues from

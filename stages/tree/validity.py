@@ -1,4 +1,4 @@
-"""Validity check of step pairs (stages.md §1.8): re-estimate both sides with M fresh rollouts under another
+"""Validity check of step pairs (docs/stages.md): re-estimate both sides with M fresh rollouts under another
 seed than the labelling rollouts (so the labels' selection bias does not carry over) and count the pairs whose
 order holds, p_chosen > p_rejected (a tie does not hold). A side that already ends the response is not rolled
 out: its fresh estimate is its answer check. All pairs of a shard go to ONE `continue_` call.

@@ -1,4 +1,4 @@
-"""Pluggable node-value functions (stages.md §1.6). Each scores a batch of nodes from many trees at once.
+"""Pluggable node-value functions (docs/stages.md). Each scores a batch of nodes from many trees at once.
 
 Every function returns, per node, a value in [0, 1] (higher = better) and, for rollouts, the raw success share.
 The search maps it to its own scale (PRISM MCTS uses [-1, 1]: reward = 2 v - 1).

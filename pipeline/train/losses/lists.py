@@ -1,4 +1,4 @@
-"""Ranked-list losses over [B, K] lists: Plackett–Luce, LiPO-λ, PRO and TPO (specs/losses.md §7, stages §7).
+"""Ranked-list losses over [B, K] lists: Plackett–Luce, LiPO-λ, PRO and TPO (docs/trainer.md).
 
 Each list is one prompt's K responses with graded labels `scores` (higher = better) and a validity `mask`; the
 loss is the mean over lists of a per-list sum. Ties in `scores` are broken by position (earlier = better) for the

@@ -91,7 +91,7 @@ def lcpo_weights(base: Tensor, flipped: Tensor, noise: float) -> Tensor:
 def lcpo(formulas: list[PairFormula], m: Margins, cfg: LossConfig, state: LossState,
          update: bool) -> tuple[list[Tensor], dict[str, Tensor]]:
     """LCPO around each base loss; ℓ(-h) is the loss of the swapped pair. One ε update per call, from the mean
-    weight over all wrapped losses. [reconstructed from the abstract of arXiv 2509.24159; see stages §7]"""
+    weight over all wrapped losses. [reconstructed from the abstract of arXiv 2509.24159; see docs/trainer.md]"""
     noise = state.lcpo_noise if state.lcpo_noise is not None else cfg.lcpo_init_noise
     flipped_margins = m.swapped()
     out, mean_weights = [], []

@@ -1,4 +1,4 @@
-"""Per-pair formulas of the stateless pairwise losses (specs/losses.md §1.1, §1.5; stages §7).
+"""Per-pair formulas of the stateless pairwise losses (docs/trainer.md lists each loss and its source).
 
 Each function maps `Margins` (see margins.py) to a [B] tensor of per-pair losses. Notation: Δ = log πθ - log πref
 (summed over completion tokens), s = s(Δ) the f-divergence transform (s = Δ by default), δ = s_c - s_r,
@@ -137,7 +137,7 @@ NLL_COEF: dict[str, float] = {"sft": 1.0, "orpo": 1.0}
 
 
 def rationale_term(rationale_logps: Tensor, gamma: float, form: str) -> Tensor:
-    """RDPO's rationale likelihood term (stages §2): -log σ(γ·ℓθ(r)) (code) or -γ·ℓθ(r) (paper, "nll")."""
+    """RDPO's rationale likelihood term (docs/stages.md): -log σ(γ·ℓθ(r)) (code) or -γ·ℓθ(r) (paper, "nll")."""
     if form == "logsigmoid":
         return -F.logsigmoid(gamma * rationale_logps)
     return -gamma * rationale_logps

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-# TRL DPOTrainer's fifteen loss types, then the ones added from the seed papers (specs/losses.md §1, stages §6-§7).
+# TRL DPOTrainer's fifteen loss types, then the ones added from the seed papers (docs/trainer.md lists them).
 TRL_LOSS_TYPES: tuple[str, ...] = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
@@ -181,7 +181,7 @@ class LossConfig(BaseModel):
 
 
 class ListLossConfig(BaseModel):
-    """Ranked-list loss settings (specs/losses.md §7, stages §7)."""
+    """Ranked-list loss settings (docs/trainer.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
