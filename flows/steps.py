@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from flows.config import RunConfig, TaskInput
 from pipeline.store import RunStore, atomic_write_bytes, atomic_write_table
+from pipeline.threads import set_threads
 from schemas.errors import InputError
 
 
@@ -73,13 +74,6 @@ def backend_for(kind: str, model: str, base_url: str | None):
     return make_backend(kind, model, **opts)
 
 
-def _set_threads(cfg: RunConfig) -> None:
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-
-
 def stage_input(cfg: RunConfig, ref: str) -> tuple[pa.Table, str]:
     if ref == "inputs":
         path = run_dir(cfg) / "inputs" / "prompts.parquet"
@@ -103,7 +97,8 @@ def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> P
     step = cfg.stage(stage_id)
     spec = get_stage(step.stage)
     stage_cfg = spec.config(**step.config)
-    _set_threads(cfg)
+    if cfg.threads:  # else the process keeps what `prefpipe --threads` (or its default) set
+        set_threads(cfg.threads)
     backend = None
     if spec.needs_backend:
         model = step.model or cfg.model
@@ -141,7 +136,8 @@ def eval_step(cfg: RunConfig, model: str, label: str) -> Path:
     out = run_dir(cfg) / "eval" / f"{label}.json"
     if out.exists():
         return out
-    _set_threads(cfg)
+    if cfg.threads:  # else the process keeps what `prefpipe --threads` (or its default) set
+        set_threads(cfg.threads)
     problems = task_problems(cfg.eval.task)
     backend = backend_for("transformers", str(model), None)
     res = evaluate_task(backend, problems, batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)

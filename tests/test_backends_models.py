@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 
@@ -121,18 +120,7 @@ def test_evaluate_task_counts_and_batches():
     assert all(c[1].temperature == 0.0 and c[2] == 1 for c in oracle.calls)
 
 
-def _cli(argv, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run `prefpipe` in-process (its startup imports every area, slow as a subprocess on 2 cores)."""
-    from pipeline import cli
-
-    monkeypatch.setattr(sys, "argv", ["prefpipe", *argv])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as ex:
-        code = ex.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.helpers.cli import run_prefpipe as _cli  # noqa: E402
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -64,7 +64,7 @@ def test_flow_local_and_cli_give_same_rows(tmp_path, prefect_harness, monkeypatc
     assert Path(out["report"], "report.md").exists()
     run_local(str(write_config(tmp_path, "direct")))
     # the CLI, stage by stage, on the same inputs
-    import pipeline.cli as cli
+    import flows.app as cli
     from pipeline.stage import get_stage
     from pipeline.stage_cli import register_stage_commands
     register_stage_commands(cli.stage_app, [get_stage("toy-pairs")])
@@ -117,7 +117,7 @@ def test_sigkill_during_flow_then_rerun(tmp_path):
     ref_cfg = write_config(tmp_path, "uninterrupted", n=120)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOY_SLEEP": "0.3",
            "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(cfg)]
+    cmd = [sys.executable, "-m", "flows.app", "run", str(cfg)]
     p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "killed/pairs/manifest.json"
     deadline = time.time() + 180
@@ -133,7 +133,7 @@ def test_sigkill_during_flow_then_rerun(tmp_path):
     assert not json.loads(manifest.read_text())["complete"]
     env["TOY_SLEEP"] = "0"
     assert subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True).returncode == 0
-    assert subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--no-prefect", str(ref_cfg)], env=env,
+    assert subprocess.run([sys.executable, "-m", "flows.app", "run", "--no-prefect", str(ref_cfg)], env=env,
                           cwd=ROOT, capture_output=True).returncode == 0
     for stage in ("pairs", "pairs2"):
         got, ref = _rows(tmp_path / "killed", stage), _rows(tmp_path / "uninterrupted", stage)

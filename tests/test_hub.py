@@ -312,7 +312,7 @@ def test_default_config_option(run_dir, tmp_path):
 def test_cli_option_errors_are_input_errors(tmp_path, run_dir):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from flows.app import app
     r = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "o"), "--test-fraction", "1.5"])
     assert isinstance(r.exception, InputError)
     assert str(r.exception).startswith("--test-fraction: Input should be less than 1")

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.cli as cli
+import flows.app as cli
 from pipeline.stage import get_stage
 from pipeline.stage_cli import register_stage_commands
 import tests.helpers.toy_stage  # noqa: F401  (registers toy-pairs)

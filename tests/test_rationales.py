@@ -390,7 +390,7 @@ def test_cli_malformed_pairs_file_exits_2(tiny_llama, tmp_path):
     pairs = make_pairs(2)
     pq.write_table(pairs.set_column(pairs.schema.get_field_index("rejected"), "rejected", pa.array(["x", None])),
                    bad)
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "stage", "rationales", "-i", str(bad), "-o",
+    r = subprocess.run([sys.executable, "-m", "flows.app", "stage", "rationales", "-i", str(bad), "-o",
                         str(tmp_path / "run"), "--model", str(tiny_llama)],
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr

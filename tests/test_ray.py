@@ -122,7 +122,7 @@ def test_cli_stage_with_ray_option(setup, tmp_path):
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from flows.app import app
     model, spec, cfg, local = setup
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in _prompts().to_pylist()))

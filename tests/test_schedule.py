@@ -51,7 +51,7 @@ def test_served_flow_runs_on_schedule(tmp_path):
                "stages": [{"id": "pairs", "stage": "toy-pairs", "shard_size": 4}], "report": True}
         cfg_path = tmp_path / "scheduled.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        served = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(cfg_path), "--interval", "10"],
+        served = subprocess.Popen([sys.executable, "-m", "flows.app", "serve", str(cfg_path), "--interval", "10"],
                                   env={**env, "PREFECT_API_URL": api}, cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
 

@@ -187,7 +187,7 @@ def test_table_roundtrip(problems):
 def test_cli_make_writes_parquet(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from flows.app import app
 
     r = CliRunner().invoke(app, ["task", "make", "--out", str(tmp_path), "--n", "40", "--seed", "5"])
     assert r.exit_code == 0, r.output
@@ -201,7 +201,7 @@ def test_cli_make_writes_parquet(tmp_path):
 
 
 def test_cli_bad_option_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "task", "make", "--out", str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "flows.app", "task", "make", "--out", str(tmp_path / "o"),
                         "--ops", "+,^"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid task settings" in r.stderr
     assert not (tmp_path / "o").exists()

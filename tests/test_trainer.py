@@ -272,7 +272,7 @@ def test_config_errors(tmp_path):
 def _run_cli(argv, monkeypatch, capsys):
     import sys
 
-    from pipeline.cli import main
+    from flows.app import main
     monkeypatch.setattr(sys, "argv", ["prefpipe", *argv])
     try:
         main()

@@ -164,7 +164,7 @@ def test_engine_run_resume_and_validity_in_extra(tmp_path):
 def test_cli_exposes_config_fields():
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from flows.app import app
     result = CliRunner().invoke(app, ["stage", "tree-search", "--help"], terminal_width=200)
     assert result.exit_code == 0
     for flag in ("--variant", "--expansion-width", "--iterations", "--value-fn", "--v-threshold",

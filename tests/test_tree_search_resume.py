@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
 
 def _start(run_dir, model, prompts, slow: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", "from pipeline.cli import app; app()", "stage", "tree-search", "-i", str(prompts),
+    cmd = [sys.executable, "-c", "from flows.app import app; app()", "stage", "tree-search", "-i", str(prompts),
            "-o", str(run_dir), "--model", str(model), *OPTS]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

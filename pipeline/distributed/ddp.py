@@ -1,6 +1,6 @@
 """The trainer under torchrun: DDP or FSDP2, each rank computing its slice of the same global batch.
 
-    torchrun --nproc_per_node 8 -m pipeline.cli train config.yaml          # distributed: auto -> DDP
+    torchrun --nproc_per_node 8 -m flows.app train config.yaml          # distributed: auto -> DDP
     (distributed: fsdp in the YAML shards parameters, grads and optimizer state with FSDP2's fully_shard)
 
 The global batch stays `micro_batch x grad_accum` whatever the world size: the step's micro-batches are cut

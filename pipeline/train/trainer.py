@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputError
+from pipeline.threads import set_threads
 from pipeline.train import lean
 from pipeline.train.config import TrainConfig
 from pipeline.train.collate import Batch, collate
@@ -152,7 +153,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, ref_model=None):
         self.cfg = cfg
         if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+            set_threads(cfg.threads)
         self.device, self.autocast = resolve_device(cfg)
         self.model_folder = None
         if model is None:
