@@ -1,6 +1,6 @@
 """bench/flow: the Prefect flow's wall time vs calling the same steps directly, on the same data.
 
-    .venv/bin/python bench/flow.py [--config flows/configs/bench-flow.yaml] [--repeats 2]
+    .venv/bin/python bench/flow.py [--config bench/flow.yaml] [--repeats 2]
 
 Both paths run every step of the config into fresh output folders (no resume), alternating, in one process;
 the loaded-model cache is cleared before each run so neither path inherits the other's model. The Prefect
@@ -36,7 +36,7 @@ def with_output(config: Path, out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=str(ROOT / "flows/configs/bench-flow.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "bench/flow.yaml"))
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     from prefect.testing.utilities import prefect_test_harness

@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
     heap_trim_every: int = Field(
         6, ge=0, description="CPU: hand freed heap back to the OS (glibc malloc_trim) in the backward of every "
         "N-th decoder layer, at each micro-batch start and at the end of the forward, wherever >= 32 MB is free; "
-        "bounds the heap fragmentation that held ~450 MB of SmolLM2's peak (pipeline/train/heap.py). 0 = off")
+        "bounds the peak that freed but resident heap pages add (docs/trainer.md, pipeline/train/heap.py). 0 = off")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
 
     ref_cache_dir: str | None = Field(None, description="reference log-prob cache; None = <data folder>/refcache")
