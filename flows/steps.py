@@ -91,7 +91,7 @@ def stage_input(cfg: RunConfig, ref: str) -> tuple[pa.Table, str]:
 def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> Path:
     from pipeline.engine import run_stage
     from pipeline.stage import get_stage
-    from stages.cli import load_stage_modules
+    from stages.catalog import load_stage_modules
 
     load_stage_modules()
     step = cfg.stage(stage_id)

@@ -147,7 +147,7 @@ def test_shipped_run_configs_validate(path, monkeypatch):
     in a field name would otherwise only fail minutes into a run)."""
     from pipeline.stage import get_stage
     from pipeline.train.config import TrainConfig
-    from stages.cli import load_stage_modules
+    from stages.catalog import load_stage_modules
 
     monkeypatch.delenv("PREFPIPE_STAGE_MODULES", raising=False)
     load_stage_modules()

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pipeline.backends.generate  # noqa: E402,F401  (registers the `generate` stage)
+import stages.generate  # noqa: E402,F401  (registers the `generate` stage)
 from pipeline.backends import make_backend  # noqa: E402
 from pipeline.backends.fixtures import build_tiny_llama  # noqa: E402
 from pipeline.distributed.ray_runner import RayConfig, RayShardPool  # noqa: E402

@@ -12,13 +12,6 @@ from pipeline.errors import InputError
 
 
 def register(app: typer.Typer, stage_app: typer.Typer) -> None:
-    import pipeline.backends.generate  # noqa: F401  (registers the `generate` stage)
-    from pipeline.stage import get_stage
-    from pipeline.stage_cli import make_stage_command
-
-    app.command("generate", help="Prompts -> n samples each, into <run-dir>/generate/ (resumable).")(
-        make_stage_command(get_stage("generate")))
-
     @app.command("eval")
     def eval_cmd(
         model: str = typer.Option("tiny-policy", help="tiny-policy, smollm2-135m or a local model folder "
