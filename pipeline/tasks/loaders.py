@@ -233,3 +233,30 @@ def _check_unique(ids: pa.ChunkedArray | pa.Array, f: str, name: str, rows: list
 
 def _first_true(mask: pa.ChunkedArray) -> int:
     return pc.index(mask, True).as_py()
+
+
+def read_columns(path: str | Path) -> set[str]:
+    """The column names of a prompts file without loading it all (JSONL: the first record's keys), so a caller
+    can pick a column convention before `load_prompts`."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or directory", file=str(p))
+    if p.is_dir():
+        return set(_read_datasets_dir(p).column_names)
+    if p.suffix.lower() in PARQUET_EXT:
+        try:
+            return set(pq.read_schema(p).names)
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            raise InputError(f"not a readable Parquet file (truncated or corrupt?): {e}", file=str(p)) from e
+    with p.open("rb") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if line.strip() and line.lstrip()[:1] != b"[":
+                try:
+                    obj = json.loads(line)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise InputError(f"invalid JSON: {e}", file=str(p), row=line_no) from e
+                return set(obj) if isinstance(obj, dict) else set()
+            if line.strip():
+                break
+    data = json.loads(p.read_bytes() or b"[]")  # a JSON array file: the first object's keys
+    return set(data[0]) if data and isinstance(data[0], dict) else set()
