@@ -88,6 +88,22 @@ def _cast_struct_fill(col: pa.ChunkedArray, dst: pa.DataType) -> pa.ChunkedArray
     return col.cast(dst, safe=True)
 
 
+def _dictionary_fitting(col: pa.ChunkedArray, declared: pa.DictionaryType) -> pa.DictionaryType:
+    """The declared dictionary type, or the same with a wider index when the column has more distinct values
+    than the declared index can count (e.g. > 127 `method` values under int8): valid data, never refused.
+    The store reads shards of different index widths back with permissive promotion."""
+    if pa.types.is_dictionary(col.type):
+        if col.type.value_type == declared.value_type and col.type.index_type.bit_width > declared.index_type.bit_width:
+            return pa.dictionary(col.type.index_type, declared.value_type)
+        # distinct dictionary entries over all chunks: an upper bound of the values in use
+        col = pa.chunked_array([c.dictionary for c in col.chunks], col.type.value_type)
+    n = pc.count_distinct(col).as_py() if len(col) else 0
+    for index in (declared.index_type, pa.int16(), pa.int32()):
+        if n <= 2 ** (index.bit_width - 1):
+            return pa.dictionary(index, declared.value_type) if index != declared.index_type else declared
+    return pa.dictionary(pa.int64(), declared.value_type)
+
+
 def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
     """Return `table` with the declared columns of `kind` first, in declared types; extra columns kept.
 
@@ -108,6 +124,8 @@ def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
             missing.append(field.name)
             continue
         col = table.column(field.name)
+        if pa.types.is_dictionary(field.type):
+            field = field.with_type(_dictionary_fitting(col, field.type))
         if col.type != field.type:
             bad_row = _first_true(pc.is_valid(col)) if len(col) else None
             if not _compatible(col.type, field.type):
@@ -165,7 +183,13 @@ def _check_strings_nonempty(table: pa.Table, column: str, problems: _Problems) -
 
 
 def _check_unique(table: pa.Table, kind: str, problems: _Problems) -> None:
-    key = UNIQUE_KEY[kind]
+    keys = [UNIQUE_KEY[kind]] + (["row_key"] if UNIQUE_KEY[kind] != "row_key" and "row_key" in
+                                 table.column_names else [])
+    for key in keys:
+        _check_unique_column(table, key, problems)
+
+
+def _check_unique_column(table: pa.Table, key: str, problems: _Problems) -> None:
     if key not in table.column_names or table.num_rows < 2:
         return
     col = table.column(key)
@@ -191,7 +215,7 @@ def check_pair_invariants(table: pa.Table, problems: _Problems) -> None:
     score_margin = chosen_score - rejected_score whenever both scores are present."""
     import polars as pl
 
-    cols = ["chosen", "rejected", "shared_prefix", "chosen_score", "rejected_score", "score_margin"]
+    cols = ["pair_id", "chosen", "rejected", "shared_prefix", "chosen_score", "rejected_score", "score_margin"]
     df = pl.from_arrow(table.select(cols + (["status"] if "status" in table.column_names else [])))
     df = df.with_row_index("_row")
     if "status" in df.columns:
@@ -199,6 +223,9 @@ def check_pair_invariants(table: pa.Table, problems: _Problems) -> None:
     expected = pl.col("chosen_score") - pl.col("rejected_score")
     checks = [
         ("rejected", pl.col("chosen") == pl.col("rejected"), lambda r: "chosen and rejected are identical"),
+        ("chosen", pl.col("chosen").str.strip_chars() == "", lambda r: f"empty chosen text ({r['pair_id']!r})"),
+        ("rejected", pl.col("rejected").str.strip_chars() == "",
+         lambda r: f"empty rejected text ({r['pair_id']!r})"),
         ("shared_prefix", pl.col("shared_prefix").is_not_null()
          & ~pl.col("chosen").str.starts_with(pl.col("shared_prefix")),
          lambda r: "shared_prefix is not a prefix of chosen"),
@@ -229,6 +256,72 @@ def _check_lists(table: pa.Table, problems: _Problems) -> None:
         problems.add(i, "responses", "a ranked list needs at least 2 responses")
 
 
+def _float_leaves(col, name: str, type_: pa.DataType):
+    """(column path, float values, row of each value) for every float inside a declared column: plain,
+    list items and struct fields of list items (tree nodes), so one check covers every kind."""
+    if pa.types.is_floating(type_):
+        yield name, col, None
+    elif pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        parents = pc.list_parent_indices(arr)
+        for path, values, rows in _float_leaves(arr.flatten(), name, type_.value_type):
+            yield path, values, parents if rows is None else pc.take(parents, rows)
+    elif pa.types.is_struct(type_):
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        for f in type_:
+            yield from _float_leaves(arr.field(f.name), f"{name}.{f.name}", f.type)
+
+
+def _check_finite(table: pa.Table, kind: str, problems: _Problems) -> None:
+    """NaN and infinite numbers are refused everywhere: a NaN score ranks nothing and poisons every mean."""
+    for field in schema_for(kind):
+        for path, values, rows in _float_leaves(table.column(field.name), field.name, table.column(field.name).type):
+            i = _first_true(pc.invert(pc.is_finite(values)))
+            if i is not None:
+                row = i if rows is None else rows[i].as_py()
+                problems.add(row, path, f"{values[i].as_py()} is not a finite number")
+    if "label_confidence" in table.column_names:
+        conf = table.column("label_confidence")
+        i = _first_true(pc.or_(pc.less(conf, 0.0), pc.greater(conf, 1.0)))
+        if i is not None:
+            problems.add(i, "label_confidence", f"label_confidence {conf[i].as_py()} is outside [0, 1]")
+
+
+def _check_list_items(table: pa.Table, kind: str, problems: _Problems) -> None:
+    """A null inside a list (a response, a score, a node) is never meaningful."""
+    for field in schema_for(kind):
+        if not (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)):
+            continue
+        arr = table.column(field.name).combine_chunks()
+        flat = arr.flatten()
+        i = _first_true(pc.is_null(flat)) if len(flat) else None
+        if i is not None:
+            problems.add(pc.list_parent_indices(arr)[i].as_py(), field.name, "null item in a list")
+
+
+# JSON text columns: the JSON type each holds
+_JSON_COLUMNS = {"extra": (dict, "object"), "prompt_messages": (list, "array")}
+
+
+def _check_json(table: pa.Table, problems: _Problems) -> None:
+    import json
+
+    for name, (want, what) in _JSON_COLUMNS.items():
+        if name not in table.column_names:
+            continue
+        for i, text in enumerate(table.column(name).to_pylist()):
+            if text is None:
+                continue
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError) as e:
+                problems.add(i, name, f"not valid JSON ({type(e).__name__}: {str(e)[:80]})")
+                break
+            if not isinstance(value, want):
+                problems.add(i, name, f"JSON {type(value).__name__}, expected a JSON {what}")
+                break
+
+
 def validate(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
     """Conform `table` to the schema of `kind` and check its invariants; return the conformed table.
 
@@ -241,6 +334,12 @@ def validate(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table
         _check_strings_nonempty(table, "prompt", problems)
     _check_unique(table, kind, problems)
     _check_status(table, problems)
+    _check_finite(table, kind, problems)
+    _check_list_items(table, kind, problems)
+    _check_json(table, problems)
+    if kind == "trees":
+        from schemas.trees import check_trees
+        check_trees(table, problems)
     if kind == "pairs":
         check_pair_invariants(table, problems)
     if kind == "lists":

@@ -283,7 +283,9 @@ def test_non_ok_input_rows_pass_through_as_filtered():
 
 
 def test_duplicate_input_pairs_keep_unique_ids():
-    pairs = pa.concat_tables([make_pairs(2), make_pairs(1).set_column(0, "pair_id", pa.array(["dup"]))])
+    dup = make_pairs(1).set_column(0, "pair_id", pa.array(["dup"]))  # same pair under another id and row_key
+    dup = dup.set_column(dup.schema.get_field_index("row_key"), "row_key", pa.array(["rk-dup"]))
+    pairs = pa.concat_tables([make_pairs(2), dup])
     out = run_direct(pairs, ScriptedBackend(good_reply))
     assert out.column("status").to_pylist() == ["ok", "ok", "filtered"]
     assert out.column("error")[2].as_py() == "duplicate: same pair as pair_id 'in-0'"

@@ -36,20 +36,29 @@ import random
 import pyarrow as pa
 
 from pipeline.tasks.verify import first_wrong_step, step_lines
+from schemas import validate
 from schemas.tables import RANKED_LISTS
-from stages._common import now_utc, pair_id, pairs_table as _pairs_table
+from schemas.pairs import make_pairs
+from stages._common import now_utc, pair_id
 from stages.tree.config import MiningConfig
 from stages.tree.nodes import Node, Tree, trees_from_table
 from stages.tree.verifier import TreeTask, task_from_info
 
 STEP_TYPES = ("first_wrong_step", "prism_sibling", "value_gap")
 
+# step: every tree pair shares its common prefix as shared_prefix, a side that stops at a mid-solution node is
+# non-terminal; pair_type says which rule made it; score_range: the scale of its scores (SCALES).
+GROUPS = ("step", "pair_type", "score_range")
 PAIR_COLUMNS = [
-    pa.field("pair_type", pa.string()), pa.field("depth", pa.int16()), pa.field("tree_id", pa.string()),
+    pa.field("depth", pa.int16()), pa.field("tree_id", pa.string()),
     pa.field("chosen_node_id", pa.string()), pa.field("rejected_node_id", pa.string()),
-    pa.field("chosen_is_terminal", pa.bool_()), pa.field("rejected_is_terminal", pa.bool_()),
     pa.field("chosen_visits", pa.int32()), pa.field("rejected_visits", pa.int32()),
 ]
+# (score_min, score_max) per pair_type: success shares and graded list scores are on [0, 1] (score01,
+# graded_score), MCTS Q values and PRISM terminal rewards on [-1, 1] (to_pm1).
+SCALES = {"first_wrong_step": (0.0, 1.0), "value_gap": (0.0, 1.0), "list": (0.0, 1.0),
+          "prism_sibling": (-1.0, 1.0), "terminal": (-1.0, 1.0)}
+LIST_SCALE = (0.0, 1.0)  # graded_score
 
 
 def to_pm1(node: Node, method: str) -> float:
@@ -94,6 +103,7 @@ class _Miner:
         return {"pair_id": pid, "prompt_id": t.prompt_id, "prompt": t.prompt, "shared_prefix": shared,
                 "chosen": chosen, "rejected": rejected, "stage": "tree", "method": self.method,
                 "chosen_score": sc, "rejected_score": sr, "score_margin": sc - sr,
+                "score_min": SCALES[kind][0], "score_max": SCALES[kind][1],
                 "generator_model": self.row["generator_model"], "created_at": self.created_at,
                 "extra": {"chosen_correct": c.correct, "rejected_correct": r.correct,
                           "chosen_q": c.q_value, "rejected_q": r.q_value, **self.greedy_flags(c, r), **extra},
@@ -285,7 +295,8 @@ class _Miner:
             return None
         t = self.tree
         return {"prompt_id": t.prompt_id, "prompt": t.prompt, "responses": [t.response(n) for n in nodes],
-                "scores": scores, "steps": [t.trajectory(n) for n in nodes], "method": self.method,
+                "scores": scores, "score_min": LIST_SCALE[0], "score_max": LIST_SCALE[1],
+                "steps": [t.trajectory(n) for n in nodes], "method": self.method,
                 "extra": json.dumps({"tree_id": t.tree_id, "node_ids": [n.node_id for n in nodes]}),
                 "row_key": hashlib.sha256(f"{self.row['row_key']}\0list".encode()).hexdigest(),
                 "status": "ok", "error": None}
@@ -332,7 +343,7 @@ def dedup(pairs: list[dict]) -> list[dict]:
 
 
 def pairs_table(pairs: list[dict]) -> pa.Table:
-    return _pairs_table(pairs, PAIR_COLUMNS)
+    return make_pairs(pairs, GROUPS, PAIR_COLUMNS)
 
 
 def lists_table(lists: list[dict]) -> pa.Table:
@@ -342,6 +353,7 @@ def lists_table(lists: list[dict]) -> pa.Table:
 def mine(trees: pa.Table, cfg: MiningConfig, *, gold_fallback: bool = False,
          chosen_continuation: bool = False) -> tuple[pa.Table, pa.Table]:
     """(pairs, lists) tables from a TREES table, with no model calls (re-mining stored trees)."""
+    trees = validate(trees, "trees")  # a parent cycle would make mining walk it forever
     pairs, lists = mine_trees(trees_from_table(trees), cfg, gold_fallback=gold_fallback,
                               chosen_continuation=chosen_continuation)
     return pairs_table(pairs), lists_table(lists)
