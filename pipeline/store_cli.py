@@ -15,11 +15,13 @@ console = Console()
 
 def inspect_run(run_dir: Path, stage: str | None = None, show_schema: bool = True) -> dict:
     store = RunStore(run_dir)
-    names = [stage] if stage else store.stages()
+    names = [stage] if stage else store.require_run()
     report = {}
     for name in names:
         st = store.stage(name)
         m = st.manifest()
+        for o in m["outputs"]:
+            st.files(o)  # every shard still as written (size, sha256), also without --schema
         report[name] = {
             "complete": m["complete"],
             "shards": len(m["shards"]),
@@ -69,8 +71,11 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
                      kind: str = typer.Option("prompts", help="prompts | generations | trees | pairs | lists")):
         """Check a table against its schema and invariants; errors name the file, row and column."""
         from pipeline.engine import read_input
-        from schemas import validate
+        from schemas import SCHEMAS, validate
+        from schemas.errors import InputError
 
+        if kind not in SCHEMAS:
+            raise InputError(f"unknown table kind {kind!r}; expected one of {sorted(SCHEMAS)}", column="--kind")
         table = validate(read_input(path, kind), kind, file=str(path))
         typer.echo(f"ok: {table.num_rows} rows of {kind} in {path}")
 
@@ -79,7 +84,7 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
                         stage: str = typer.Argument(None, help="Stage name (all stages if omitted).")):
         """Print what went into a stage's fingerprint (stage, version, config, model, sampling, templates)."""
         store = RunStore(run_dir)
-        for name in [stage] if stage else store.stages():
+        for name in [stage] if stage else store.require_run():
             m = store.stage(name).manifest()
             typer.echo(json.dumps({"stage": name, "fingerprint": m["fingerprint"],
                                    "inputs": m["fingerprint_inputs"]}, indent=1, sort_keys=True))

@@ -18,7 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.backends.base import Completion, LogprobResult, SamplingParams, cut_at_stop
-from pipeline.backends.tokenized import TokenizedBackend, eos_ids, load_tokenizer
+from pipeline.errors import InputError
+from pipeline.backends.tokenized import TokenizedBackend, check_context, eos_ids, load_tokenizer
 
 
 class TransformersConfig(BaseModel):
@@ -75,8 +76,9 @@ def pick_tokens(logits: torch.Tensor, sp: SamplingParams, uniforms: torch.Tensor
 class _Rows:
     """Bookkeeping for the rows of one decode batch: ids so far, finish reason, stop-string matching."""
 
-    def __init__(self, count: int, tokenizer, sp: SamplingParams, eos: set[int]):
+    def __init__(self, count: int, tokenizer, sp: SamplingParams, eos: set[int], limits: list[int] | None = None):
         self.ids: list[list[int]] = [[] for _ in range(count)]
+        self.limits = limits or [sp.max_tokens] * count  # max_tokens, less where the context ends first
         self.finish: list[str | None] = [None] * count
         self.text: list[str | None] = [None] * count
         self.stop_str: list[str | None] = [None] * count
@@ -93,7 +95,7 @@ class _Rows:
             if hit is not None:
                 self.finish[row], self.text[row], self.stop_str[row] = "stop", text, hit
                 return True
-        if len(self.ids[row]) >= self.sp.max_tokens:
+        if len(self.ids[row]) >= self.limits[row]:
             self.finish[row] = "length"
             return True
         return False
@@ -120,14 +122,24 @@ class TransformersBackend(TokenizedBackend):
         path = resolve_model(model)
         self.device = _pick_device(self.config.device)
         self.dtype = _pick_dtype(self.config.dtype, self.device)
-        self.tokenizer = load_tokenizer(str(path), self.config.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=self.dtype,
-            trust_remote_code=self.config.trust_remote_code).to(self.device).eval()
+        try:  # a folder without its tokenizer, or with truncated weights, is bad input: name the folder
+            self.tokenizer = load_tokenizer(str(path), self.config.trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:
+            raise InputError(f"cannot load the tokenizer of this model folder ({type(e).__name__}: "
+                             f"{str(e)[:200]})", file=str(path)) from None
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, dtype=self.dtype,
+                trust_remote_code=self.config.trust_remote_code).to(self.device).eval()
+        except Exception as e:  # noqa: BLE001 (safetensors' SafetensorError is none of the builtin kinds)
+            raise InputError(f"cannot load the weights of this model folder ({type(e).__name__}: "
+                             f"{str(e)[:200]})", file=str(path)) from None
         self.model_id = str(model)
         self.path = path
         self.weights_hash = weights_hash(path)
         self.eos = eos_ids(self.tokenizer, self.model.generation_config)
+        # positions past this have no trained embedding: nothing may be generated or scored beyond it
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -162,7 +174,9 @@ class TransformersBackend(TokenizedBackend):
             logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
             positions = positions.repeat_interleave(n, 0)
         last_pos = positions[:, -1]
-        rows = _Rows(len(prompts) * n, self.tokenizer, sp, self.eos)
+        room = [sp.max_tokens if self.context_length is None else min(sp.max_tokens, self.context_length - len(p))
+                for p in prompts]
+        rows = _Rows(len(prompts) * n, self.tokenizer, sp, self.eos, [r for r in room for _ in range(n)])
         live = list(range(len(prompts) * n))  # batch slot -> row
         live_done = [False] * len(live)
         live_index = torch.arange(len(live), device=self.device)
@@ -192,6 +206,7 @@ class TransformersBackend(TokenizedBackend):
 
     def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams,
                      n: int) -> list[list[Completion]]:
+        check_context(self.context_length, [len(p) + 1 for p in prompt_ids], "prompt (and one new token)")
         gen = torch.Generator(device=self.device)
         if sampling.seed is None:
             gen.seed()
@@ -227,6 +242,8 @@ class TransformersBackend(TokenizedBackend):
         return results
 
     def score_ids(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[LogprobResult]:
+        check_context(self.context_length, [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)],
+                      "prompt + completion")
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
         out: list[LogprobResult | None] = [None] * len(prompt_ids)
         bs = self.config.batch_size

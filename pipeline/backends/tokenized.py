@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 
 from pipeline.backends.base import (Completion, LogprobResult, Prompt, SamplingParams, as_messages,
                                     resolve_n)
+from pipeline.errors import BackendError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,6 +53,21 @@ def eos_ids(tokenizer, generation_config=None) -> set[int]:
     elif g:
         ids.update(int(x) for x in g)
     return ids
+
+
+class PromptTooLong(BackendError):
+    """A sequence longer than the model's context: never retried (the same input fails the same way)."""
+
+
+def check_context(context_length: int | None, lengths: list[int], what: str) -> None:
+    """Refuse sequences that do not fit the model's context (a model run past it degrades into garbage, and a
+    1 MB prompt would take minutes to fail); the error names the sequence's index in the call."""
+    if context_length is None:
+        return
+    for i, n in enumerate(lengths):
+        if n > context_length:
+            raise PromptTooLong(f"sequence {i} of the call: {what} is {n} tokens, more than the model's context "
+                                f"of {context_length} tokens")
 
 
 class TokenizedBackend(ABC):

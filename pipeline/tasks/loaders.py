@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.jsonl import check_values, parse_record
 
 JSONL_EXT = {".jsonl", ".ndjson"}
 PARQUET_EXT = {".parquet", ".pq"}
@@ -58,12 +59,7 @@ def _read_jsonl(p: Path, prompt_column: str, id_column: str | None) -> tuple[pa.
             raise InputError(f"invalid UTF-8 at byte {e.start} of the line", file=f, row=line_no) from e
         if not text.strip():
             continue  # blank lines (e.g. the trailing newline) carry no record
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON: {e.msg} at char {e.pos}", file=f, row=line_no) from e
-        if not isinstance(obj, dict):
-            raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=f, row=line_no)
+        obj = parse_record(text, f, line_no)  # also unpaired surrogates and deep nesting (pipeline/jsonl.py)
         _check_record_types(obj, f, line_no, prompt_column, id_column)
         records.append(obj)
         line_nos.append(line_no)
@@ -79,11 +75,14 @@ def _read_json_array(raw: bytes, f: str, prompt_column: str, id_column: str | No
         raise InputError(f"invalid UTF-8 at byte {e.start}", file=f) from e
     except json.JSONDecodeError as e:
         raise InputError(f"invalid JSON: {e.msg} at line {e.lineno}", file=f) from e
+    except RecursionError:
+        raise InputError("JSON nested too deeply", file=f) from None
     if not data:
         raise InputError("empty file: no JSON records", file=f)
     for i, obj in enumerate(data, 1):
         if not isinstance(obj, dict):
             raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=f, row=i)
+        check_values(obj, f, i)
         _check_record_types(obj, f, i, prompt_column, id_column)
     rows = list(range(1, len(data) + 1))
     return _records_to_table(data, f, rows), rows
@@ -195,6 +194,8 @@ def _finalize(t: pa.Table, f: str, prompt_column: str, id_column: str | None, ro
 
 def _string_column(t: pa.Table, name: str, f: str, rows: list[int] | None, what: str) -> pa.ChunkedArray:
     col = t.column(name)
+    if pa.types.is_dictionary(col.type) and pa.types.is_string(col.type.value_type):
+        col = col.cast(pa.string())  # a dictionary-encoded text column is text (repetitive prompts)
     if pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
         col = col.cast(pa.string())
     if pa.types.is_null(col.type):
