@@ -76,7 +76,7 @@ def seed_pairs(args, problems, path: Path) -> int:
 
 def spa(args, problems) -> dict:
     from pipeline.train.config import parse_config
-    from pipeline.train.trainer import train
+    from pipeline.train.launch import train
 
     seed_problems = problems[args.n_intervention:args.n_intervention + args.n_seed]
     label_problems = problems[args.n_intervention + args.n_seed:args.n_intervention + args.n_seed + args.n_label]

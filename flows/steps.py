@@ -114,7 +114,7 @@ def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> P
 
 def train_step(cfg: RunConfig, arm_name: str) -> Path:
     from pipeline.train.config import TrainConfig
-    from pipeline.train.trainer import train
+    from pipeline.train.launch import train
 
     arm = next(a for a in cfg.train if a.name == arm_name)
     out = run_dir(cfg) / "train" / arm.name

@@ -14,14 +14,7 @@ reference every reward is 0 and the label carries no information: such prompts (
 out as `filtered` rows saying so, as do prompts whose K samples are all the same text. SPA therefore starts
 from a DPO-trained policy π_0 (trained on a small labelled seed set) and judges with π_0 against the SFT model.
 
-The iteration loop (`spa_iterate`) follows SPA's `run_all.sh`:
-
-    for i, X_i in enumerate(prompt_splits, 1):          # disjoint prompt splits, no replay of earlier data
-        label X_i with r = log π_{i-1} − log π_SFT       (this stage, iteration = i)
-        π_i = DPO(init = π_{i-1}, ref = π_{i-1}, the self-labelled pairs)   (pipeline.train; default loss
-                                                          "distill", SPA's noise-aware self-refinement)
-
-    records = spa_iterate(splits, policy="runs/pi0/final", sft_model="tiny-policy", run_dir="runs/spa")
+The iteration loop over this stage and the trainer (SPA's `run_all.sh`) is flows/spa.py's `spa_iterate`.
 
 On a verifiable task (a `meta` column) each pair also records whether chosen and rejected are right, and
 `label_report` gives the agreement with the verifier, calibration buckets and the length bias.
@@ -30,7 +23,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
@@ -215,40 +207,3 @@ def label_report(pairs: pa.Table, n_buckets: int = 5) -> dict:
             "low_confidence": sum(bool(r.get("low_confidence")) for r in rows),
             "mean_len_diff": (sum(len(r["chosen"]) - len(r["rejected"]) for r in rows) / len(rows)) if rows else None,
             "calibration": buckets, "ece": ece if decided else None}
-
-
-# ------------------------------------------------------------------------------------------------- the loop
-def spa_iterate(prompt_splits: list[pa.Table], *, policy: str, sft_model: str, run_dir: str | Path,
-                label: SelfLabelConfig | None = None, train: dict | None = None,
-                backend_kind: str = "transformers", shard_size: int = 64) -> list[dict]:
-    """SPA's loop: for each prompt split, label with (π_{i-1} vs the SFT model), then DPO from π_{i-1} with
-    π_{i-1} as reference. `policy` is π_0 (a DPO-trained model: with π_0 = SFT every reward ties). `train`
-    overrides TrainConfig fields (defaults: loss "distill" β 0.1, lr 5e-7, 1 epoch, as SPA's recipe).
-    Returns one record per iteration: the label folder, the label report, the new policy folder."""
-    from pipeline.backends import make_backend
-    from pipeline.engine import run_stage
-    from pipeline.stage import get_stage
-    from pipeline.store import RunStore
-    from pipeline.train.config import merge, parse_config
-    from pipeline.train.trainer import train as train_model
-
-    run_dir = Path(run_dir)
-    label = label or SelfLabelConfig()
-    records = []
-    for i, prompts in enumerate(prompt_splits, 1):
-        cfg = label.model_copy(update={"ref_model": sft_model, "iteration": i})
-        backend = make_backend(backend_kind, policy)
-        try:
-            res = run_stage(get_stage("self-label"), prompts, cfg, backend, RunStore(run_dir / f"iter-{i}"),
-                            shard_size=shard_size, progress=False)
-        finally:
-            backend.close()
-        out_dir = run_dir / f"iter-{i}" / "train"
-        tcfg = parse_config(merge({"model": policy, "ref_model": None, "data": str(res.store.dir),
-                                   "output_dir": str(out_dir), "loss": {"loss_type": "distill", "beta": 0.1},
-                                   "lr": 5e-7, "epochs": 1.0, "progress": False}, train or {}))
-        train_model(tcfg)
-        records.append({"iteration": i, "labels": str(res.store.dir), "summary": res.summary,
-                        "report": label_report(res.read()), "policy_in": policy, "policy_out": str(out_dir / "final")})
-        policy = str(out_dir / "final")
-    return records

@@ -161,24 +161,3 @@ def test_sigkill_then_resume_has_no_duplicates(tmp_path):
     from tests.test_reward_relabel import kill_and_resume
     a = kill_and_resume(tmp_path, "self-label", CHILD, n_shards=8)
     assert a.num_rows == 40 and pc.sum(pc.equal(a["status"], "ok")).as_py() == 40
-
-
-def test_spa_iterate_runs_label_then_train_on_tiny_random_models(tmp_path):
-    import torch
-
-    from pipeline.backends.fixtures import build_tiny_llama
-    from stages.self_label import spa_iterate
-    torch.set_num_threads(1)
-    pi0 = build_tiny_llama(tmp_path / "pi0", seed=0, hidden=64, layers=1, heads=1)
-    sft = build_tiny_llama(tmp_path / "sft", seed=1, hidden=64, layers=1, heads=1)
-    splits = [pa.table({"prompt_id": [f"a{i}" for i in range(4)], "prompt": [f"add {i} and 2" for i in range(4)]}),
-              pa.table({"prompt_id": [f"b{i}" for i in range(4)], "prompt": [f"mul {i} and 3" for i in range(4)]})]
-    recs = spa_iterate(splits, policy=str(pi0), sft_model=str(sft), run_dir=tmp_path / "spa",
-                       label=SelfLabelConfig(max_tokens=8, temperature=1.0),
-                       train={"max_steps": 2, "micro_batch": 2, "lr": 1e-3, "threads": 1})
-    assert [r["iteration"] for r in recs] == [1, 2]
-    assert recs[1]["policy_in"] == recs[0]["policy_out"]
-    assert all((Path(r["policy_out"]) / "model.safetensors").exists() for r in recs)
-    t = RunStore(tmp_path / "spa/iter-2").stage("self-label").read()
-    assert set(t["iteration"].to_pylist()) == {2} and set(t["judge_ref_ckpt"].to_pylist()) == {str(sft)}
-    assert recs[0]["summary"]["status"]["main"].get("ok", 0) >= 3

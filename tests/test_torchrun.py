@@ -48,9 +48,9 @@ def _model():
 
 
 def _train(cfg) -> list[float]:
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.launch import make_trainer
     model, tok = _model()
-    res = Trainer(cfg, model=model, tokenizer=tok).train()
+    res = make_trainer(cfg, model=model, tokenizer=tok).train()
     return [m["loss"] for m in res.history]
 
 

@@ -107,7 +107,7 @@ def _rank0_first(rank: int):
 
 
 class DistributedTrainer(Trainer):
-    """`Trainer` whose steps are split over the ranks of a torchrun job (built by `Trainer(cfg)` itself)."""
+    """`Trainer` whose steps are split over the ranks of a torchrun job (built by pipeline/train/launch.make_trainer)."""
 
     def __init__(self, cfg, model=None, tokenizer=None, ref_model=None):
         super().__init__(cfg, model=model, tokenizer=tokenizer, ref_model=ref_model)

@@ -59,14 +59,14 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
         OUTPUT_DIR/{metrics.jsonl, final/, train_summary.json}."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from pipeline.train.config import load_config
-        from pipeline.train.trainer import Trainer
+        from pipeline.train.launch import make_trainer
 
         cfg = load_config(config, _overrides(
             model=model, data=data, output_dir=output_dir, mode=mode, sft_column=sft_column, loss_type=loss_type,
             beta=beta, rpo_alpha=rpo_alpha, lr=lr, epochs=epochs, max_steps=max_steps, micro_batch=micro_batch,
             grad_accum=grad_accum, max_length=max_length, prefix_as_prompt=prefix_as_prompt, device=device,
             seed=seed, progress=progress, share_prompt=share_prompt, gradient_checkpointing=gradient_checkpointing))
-        result = Trainer(cfg).train()
+        result = make_trainer(cfg).train()
         if cfg.distributed != "none":  # under torchrun: end the process group on every rank together
             from pipeline.distributed.ddp import close
             close()

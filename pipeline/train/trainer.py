@@ -142,14 +142,6 @@ class Trainer:
 
     is_main = True  # the process that writes files (rank 0 under torchrun)
 
-    def __new__(cls, cfg: TrainConfig | None = None, *args, **kwargs):
-        # Under torchrun (or `distributed: ddp|fsdp`) the same call builds the data-parallel trainer.
-        if cls is Trainer and cfg is not None:
-            from pipeline.distributed.ddp import DistributedTrainer, distributed_mode
-            if distributed_mode(cfg) != "none":
-                cls = DistributedTrainer
-        return super().__new__(cls)
-
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, ref_model=None):
         self.cfg = cfg
         if cfg.threads:
@@ -489,7 +481,3 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-
-
-def train(cfg: TrainConfig, **kwargs) -> TrainResult:
-    return Trainer(cfg, **kwargs).train()
