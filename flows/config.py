@@ -20,14 +20,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.config_io import FiniteFloat, PathComponent, dotted, read_config, validate
 from schemas.errors import InputError
+
+Backend = Literal["transformers", "vllm", "http"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TaskInput(_Strict):
@@ -37,10 +39,27 @@ class TaskInput(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="TaskConfig fields to override")
 
 
-class Inputs(_Strict):
-    task: TaskInput | None = Field(None, description="use the bundled arithmetic task")
+class TaskSource(_Strict):
+    """Where a named task's problems come from: a file (`path`: math, prompts) or its generator (`size` problems
+    of `split` under `seed`: arith, reasoning-gym:<dataset>), e.g. {task: math, path: gsm8k.jsonl, limit: 500}
+    or {task: "reasoning-gym:chain_sum", size: 2000, seed: 1}."""
+    path: str | None = Field(None, description="with a task name: its problems file (JSONL, Parquet or a "
+                                               "datasets folder), relative to the config's folder")
+    size: int | None = Field(None, ge=1, description="with a generating task: how many problems to draw")
+    seed: int | None = Field(None, description="with a generating task: the split seed (default: the task's)")
+    split: Literal["train", "eval"] | None = Field(None, description="with a generating task: the split "
+                                                                    "(default: train for inputs, eval for eval)")
+    options: dict[str, Any] = Field(default_factory=dict, description="task settings, e.g. reasoning-gym "
+                                                                      "generator options {min_terms: 3}")
+    prompt_column: str | None = Field(None, description="math: the question column when not a known one")
+    answer_column: str | None = Field(None, description="math: the answer column when not a known one")
+    limit: int | None = Field(None, ge=1, description="take only the first N prompts")
+
+
+class Inputs(TaskSource):
+    task: TaskInput | str | None = Field(None, description="the bundled arithmetic task ({preset: tiny, ...}) or "
+                                         "a task name: arith, math, prompts, reasoning-gym:<dataset>")
     file: str | None = Field(None, description="or a prompts file: JSONL, Parquet or a datasets folder")
-    limit: int | None = Field(None, ge=1, description="take only the first N prompts of the file")
 
     @model_validator(mode="after")
     def _one(self) -> "Inputs":
@@ -50,19 +69,20 @@ class Inputs(_Strict):
 
 
 class StageStep(_Strict):
-    id: str | None = Field(None, description="folder name in the run directory (default: the stage name)")
+    id: PathComponent | None = Field(None, description="folder name in the run directory (default: the stage "
+                                                       "name)")
     stage: str = Field(..., description="registered stage name, e.g. tree-search")
     input: str = Field("inputs", description="`inputs`, or the id of an earlier stage (its main output); "
                                              "`id@output` for another output")
-    config: dict[str, Any] = Field(default_factory=dict)
-    shard_size: int = Field(32, ge=1)
-    fail_threshold: float = Field(0.01, ge=0, le=1)
+    config: dict[str, Any] = Field(default_factory=dict, description="the stage's config fields (checked at load)")
+    shard_size: int = Field(32, ge=1, description="input rows per shard (the unit of resume)")
+    fail_threshold: FiniteFloat = Field(0.01, ge=0, le=1, description="fail above this share of failed rows")
     model: str | None = Field(None, description="override the run's model for this stage; `@ARM` = that "
                                                 "training arm's final model (needs phase post_train)")
     phase: Literal["generate", "post_train"] = Field(
         "generate", description="generate: before training; post_train: after the training arms (e.g. SPA "
                                 "self-labels from a DPO-trained policy)")
-    backend: str | None = None
+    backend: Backend | None = Field(None, description="override the run's backend for this stage")
 
     @property
     def folder(self) -> str:
@@ -70,15 +90,18 @@ class StageStep(_Strict):
 
 
 class TrainArm(_Strict):
-    name: str = Field(..., description="arm name; the model goes to <output_dir>/train/<name>")
+    name: PathComponent = Field(..., description="arm name; the model goes to <output_dir>/train/<name>")
     data: str = Field(..., description="stage id whose pairs/lists to train on (`id@lists` for ranked lists)")
-    config: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields")
+    config: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields (checked at load; "
+                                   "data and output_dir are the run's)")
     role: Literal["treatment", "baseline", "control"] = Field(
         "treatment", description="how the report labels this arm")
 
 
-class EvalStep(_Strict):
-    task: TaskInput = Field(default_factory=lambda: TaskInput(split="eval", n=1000))
+class EvalStep(TaskSource):
+    task: TaskInput | str = Field(default_factory=lambda: TaskInput(split="eval", n=1000),
+                                  description="the bundled task's split ({preset: tiny, split: eval, n: 1000}) or a "
+                                              "task name with path / size (see inputs)")
     batch_size: int = Field(64, ge=1)
     max_tokens: int = Field(192, ge=1, description="new tokens per eval answer")
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples for Δ intervals")
@@ -93,16 +116,16 @@ class EvalStep(_Strict):
 
 
 class ExportStep(_Strict):
-    out: str = Field("export", description="export folder (relative to output_dir)")
+    out: PathComponent = Field("export", description="export folder, one name inside output_dir")
     repo: str | None = Field(None, description="push to this Hub dataset repo when set")
     private: bool = True
 
 
 class RunConfig(_Strict):
-    name: str = "run"
+    name: PathComponent = Field("run", description="run name (Prefect deployment and report artifact)")
     output_dir: str = "runs/run"
     model: str = "tiny-policy"
-    backend: Literal["transformers", "vllm", "http"] = "transformers"
+    backend: Backend = "transformers"
     base_url: str | None = None
     threads: int | None = Field(None, ge=1, description="torch CPU threads for every step")
     inputs: Inputs
@@ -112,41 +135,6 @@ class RunConfig(_Strict):
     report: bool = True
     export: ExportStep | None = None
 
-    @model_validator(mode="after")
-    def _refs(self) -> "RunConfig":
-        seen = {"inputs"}
-        for s in self.stages:
-            if s.input.split("@")[0] not in seen:
-                raise ValueError(f"stage {s.folder!r}: input {s.input!r} is not `inputs` or an earlier stage id")
-            if s.folder in seen:
-                raise ValueError(f"duplicate stage id {s.folder!r}")
-            seen.add(s.folder)
-        post = {s.folder for s in self.stages if s.phase == "post_train"}
-        for s in self.stages:
-            if s.phase == "generate" and s.input.split("@")[0] in post:
-                raise ValueError(f"stage {s.folder!r} runs before training but reads post_train stage {s.input!r}")
-        for a in self.train:
-            if a.data.split("@")[0] in post:
-                raise ValueError(f"train arm {a.name!r} reads post_train stage {a.data!r}")
-        arms = {a.name for a in self.train}
-        for s in self.stages:
-            if s.model and s.model.startswith("@") and (s.model[1:] not in arms or s.phase != "post_train"):
-                raise ValueError(f"stage {s.folder!r}: model {s.model!r} needs a training arm of that name and "
-                                 f"phase: post_train")
-        for arm in self.train:
-            if arm.data.split("@")[0] not in seen:
-                raise ValueError(f"train arm {arm.name!r}: data {arm.data!r} is not a stage id")
-        names = [a.name for a in self.train]
-        if len(set(names)) != len(names):
-            raise ValueError("train arm names must be unique")
-        known = {"base", *names, *(self.eval.compare_with if self.eval else {})}
-        for pool, members in (self.eval.pools if self.eval else {}).items():
-            unknown = [m for m in members if m not in known]
-            if unknown or not members:
-                raise ValueError(f"eval pool {pool!r}: {unknown or 'no models'} not base, a train arm or a "
-                                 f"compare_with label")
-        return self
-
     def stage(self, stage_id: str) -> StageStep:
         for s in self.stages:
             if s.folder == stage_id:
@@ -154,20 +142,150 @@ class RunConfig(_Strict):
         raise KeyError(stage_id)
 
 
+def arm_fields(cfg: RunConfig, arm: TrainArm, data: str, output_dir: str) -> dict[str, Any]:
+    """The TrainConfig fields of a training arm: the run's model and threads, the arm's config, then the data
+    and output folder the run assigns (the one place both the load-time check and the train step build them)."""
+    return {"model": cfg.model, "threads": cfg.threads, **arm.config, "data": data, "output_dir": output_dir}
+
+
+def _check_task(t: TaskInput, loc: tuple, file: str) -> None:
+    """`overrides` are fields of the bundled task's TaskConfig: an unknown one would be dropped silently."""
+    from pipeline.tasks.arith import TaskConfig
+
+    unknown = sorted(set(t.overrides) - set(TaskConfig.model_fields))
+    if unknown:
+        raise InputError(f"unknown task option {unknown[0]!r}; known: {', '.join(TaskConfig.model_fields)}",
+                         file=file, column=dotted((*loc, "overrides", unknown[0])))
+    base = TaskConfig.tiny() if t.preset == "tiny" else TaskConfig()
+    validate(TaskConfig, {**base.model_dump(), **t.overrides}, file=file, prefix=(*loc, "overrides"),
+             what="task options")
+
+
+def _check_named_task(src: TaskSource, loc: tuple, file: str, needs_gold: str | None = None,
+                      what: str = "gold answers to score against") -> None:
+    """A named task exists, its options build it, a file task has its file, and a stage (or the eval) that needs
+    gold does not get a gold-free task."""
+    from pipeline.tasks.registry import get_task
+
+    name = src.task
+    try:
+        task = get_task(name, **src.options)
+    except InputError as e:
+        raise InputError(e.reason, file=file, column=dotted((*loc, "options" if src.options else "task"))) from None
+    if needs_gold is not None and not task.has_gold:
+        who = "eval" if needs_gold == "eval" else f"stage {needs_gold!r}"
+        raise InputError(f"{who} needs {what}; task {name!r} has no gold answers", file=file,
+                         column=dotted((*loc, "task" if needs_gold == "eval" else "stage")))
+    if src.path is not None and not Path(src.path).exists():
+        raise InputError(f"no such problems file {src.path!r} (relative paths start at the config's folder)",
+                         file=file, column=dotted((*loc, "path")))
+
+
+def _resolve_task_paths(cfg: "RunConfig", folder: Path) -> None:
+    """Named tasks' `path` relative to the config's folder, resolved once at load (steps run from any cwd)."""
+    for src in (cfg.inputs, cfg.eval):
+        if src is not None and src.path is not None and not Path(src.path).is_absolute():
+            src.path = str(folder / src.path)
+
+
+def _output(outputs: dict[str, dict[str, str]], ref: str, loc: tuple, file: str) -> str:
+    """The table kind behind `id` or `id@output`; an output the stage does not write is an error."""
+    source, _, name = ref.partition("@")
+    declared = outputs[source]  # the id itself was checked by RunConfig
+    if (name or "main") not in declared:
+        raise InputError(f"{source!r} has no output {name!r}; it writes {', '.join(sorted(declared))}", file=file,
+                         column=dotted(loc))
+    return declared[name or "main"]
+
+
+def _check_refs(cfg: RunConfig, file: str) -> None:
+    """Step references: inputs name earlier stages, ids and arm names are unique, phases and `@ARM` models fit."""
+    def fail(message: str, *loc) -> None:
+        raise InputError(message, file=file, column=dotted(loc))
+
+    seen, post = {"inputs"}, {s.folder for s in cfg.stages if s.phase == "post_train"}
+    for i, s in enumerate(cfg.stages):
+        if s.input.split("@")[0] not in seen:
+            fail(f"stage {s.folder!r}: input {s.input!r} is not `inputs` or an earlier stage id", "stages", i, "input")
+        if s.folder in seen:
+            fail(f"duplicate stage id {s.folder!r}", "stages", i, "id")
+        seen.add(s.folder)
+        if s.phase == "generate" and s.input.split("@")[0] in post:
+            fail(f"stage {s.folder!r} runs before training but reads post_train stage {s.input!r}", "stages", i,
+                 "input")
+    arms = [a.name for a in cfg.train]
+    for i, s in enumerate(cfg.stages):
+        if s.model and s.model.startswith("@") and (s.model[1:] not in arms or s.phase != "post_train"):
+            fail(f"stage {s.folder!r}: model {s.model!r} needs a training arm of that name and phase: post_train",
+                 "stages", i, "model")
+    for i, a in enumerate(cfg.train):
+        if a.data.split("@")[0] in post:
+            fail(f"train arm {a.name!r} reads post_train stage {a.data!r}", "train", i, "data")
+        if a.data.split("@")[0] not in seen:
+            fail(f"train arm {a.name!r}: data {a.data!r} is not a stage id", "train", i, "data")
+        if a.name in arms[:i]:
+            fail(f"train arm names must be unique: {a.name!r} is given twice", "train", i, "name")
+    known = {"base", *arms, *(cfg.eval.compare_with if cfg.eval else {})}
+    for pool, members in (cfg.eval.pools if cfg.eval else {}).items():
+        unknown = [m for m in members if m not in known]
+        if unknown or not members:
+            fail(f"eval pool {pool!r}: {unknown or 'no models'} not base, a train arm or a compare_with label",
+                 "eval", "pools", pool)
+
+
+def check_steps(cfg: RunConfig, file: str) -> None:
+    """Everything a run will do, checked before any step runs: each stage exists and its config validates, each
+    input names an output that stage writes and of the kind the reader takes, each arm's config is a valid
+    TrainConfig, the task options and the input file exist."""
+    from pipeline.stage import get_stage, list_stages
+    from pipeline.train.config import parse_config
+    from stages.catalog import load_stage_modules
+
+    load_stage_modules()
+    _check_refs(cfg, file)
+    if isinstance(cfg.inputs.task, TaskInput):
+        _check_task(cfg.inputs.task, ("inputs", "task"), file)
+    elif cfg.inputs.task is not None:
+        _check_named_task(cfg.inputs, ("inputs",), file)
+    if cfg.eval is not None and not isinstance(cfg.eval.task, TaskInput):
+        _check_named_task(cfg.eval, ("eval",), file, needs_gold="eval")
+    if cfg.inputs.file is not None:
+        q = Path(cfg.inputs.file)
+        if not (q if q.is_absolute() else Path(file).resolve().parent / q).exists():
+            raise InputError(f"no such prompts file {cfg.inputs.file!r} (relative paths start at the config's "
+                             f"folder)", file=file, column="inputs.file")
+    if cfg.eval is not None and isinstance(cfg.eval.task, TaskInput):
+        _check_task(cfg.eval.task, ("eval", "task"), file)
+    outputs: dict[str, dict[str, str]] = {"inputs": {"main": "prompts"}}
+    for i, step in enumerate(cfg.stages):
+        if step.stage not in list_stages():
+            raise InputError(f"unknown stage {step.stage!r}; registered: {', '.join(list_stages())}", file=file,
+                             column=f"stages.{i}.stage")
+        spec = get_stage(step.stage)
+        stage_cfg = validate(spec.config, step.config, file=file, prefix=("stages", i, "config"),
+                             what=f"config of stage '{step.stage}'")
+        if step.input == "inputs" and isinstance(cfg.inputs.task, str) and stage_cfg.gold_needed():
+            _check_named_task(cfg.inputs, ("stages", i), file, needs_gold=step.stage,
+                              what=stage_cfg.gold_needed())
+        kind = _output(outputs, step.input, ("stages", i, "input"), file)
+        if kind != spec.input_kind:
+            raise InputError(f"stage {step.stage!r} reads {spec.input_kind}, but {step.input!r} holds {kind}",
+                             file=file, column=f"stages.{i}.input")
+        outputs[step.folder] = spec.outputs
+    for i, arm in enumerate(cfg.train):
+        _output(outputs, arm.data, ("train", i, "data"), file)
+        for key in sorted({"data", "output_dir"} & set(arm.config)):
+            raise InputError(f"{key} is set by the run (the arm's `data` stage and <output_dir>/train/{arm.name})",
+                             file=file, column=f"train.{i}.config.{key}")
+        parse_config(arm_fields(cfg, arm, data=arm.data, output_dir=arm.name), file=file,
+                     prefix=("train", i, "config"))
+
+
 def load_run_config(path: str | Path) -> tuple[RunConfig, Path]:
-    """Read and check a run config; returns it and the folder relative paths resolve against."""
+    """Read and check a run config; returns it and the folder relative paths resolve against. Every step is
+    checked here, so a typo in the last one fails before the first one runs."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError("no such run config", file=str(path)) from None
-    except yaml.YAMLError as e:
-        raise InputError(f"invalid YAML: {e}", file=str(path)) from None
-    if not isinstance(raw, dict):
-        raise InputError("a run config is a mapping", file=str(path))
-    try:
-        cfg = RunConfig(**raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(err["msg"], file=str(path), column=".".join(str(p) for p in err["loc"])) from None
+    cfg = validate(RunConfig, read_config(path, "run config"), file=str(path), what="run config")
+    _resolve_task_paths(cfg, path.resolve().parent)
+    check_steps(cfg, str(path))
     return cfg, path.resolve().parent

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.config import RunConfig, TaskInput
+from flows.config import RunConfig, TaskInput, arm_fields
 from pipeline.store import RunStore, atomic_write_bytes, atomic_write_table
 from pipeline.threads import set_threads
 from schemas.errors import InputError
@@ -123,8 +123,8 @@ def train_step(cfg: RunConfig, arm_name: str) -> Path:
         return final  # finished in an earlier (crashed) run
     stage_id, _, output = arm.data.partition("@")
     data = run_dir(cfg) / stage_id
-    tcfg = TrainConfig(**{"model": cfg.model, "threads": cfg.threads, **arm.config,
-                          "data": str(data) + (f"@{output}" if output else ""), "output_dir": str(out)})
+    tcfg = TrainConfig(**arm_fields(cfg, arm, data=str(data) + (f"@{output}" if output else ""),
+                                    output_dir=str(out)))
     train(tcfg)
     return final
 

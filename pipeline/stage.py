@@ -24,7 +24,7 @@ from pipeline.fingerprint import derive_seed, row_key
 class StageConfig(BaseModel):
     """Base of every stage config: all fields have defaults and a description; unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `.inf` parses as a float
     version: ClassVar[str] = "1"
 
     seed: int = Field(0, description="Base seed; each shard derives its own from it and the fingerprint.")

@@ -7,69 +7,46 @@ from __future__ import annotations
 
 import inspect
 import json
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
-from pydantic import ValidationError
 
+from pipeline.config_io import read_config, validate
+from pipeline.config_options import model_options
 from pipeline.stage import StageSpec
 from schemas.errors import InputError
 
-_SIMPLE = (int, float, str, bool)
-
-
-def _option_type(annotation: Any) -> type | None:
-    """The click-friendly type of a config field, or None when it only comes from the YAML file."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return str
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _option_type(args[0]) if len(args) == 1 else None
-    return annotation if annotation in _SIMPLE else None
-
 
 def load_config(spec: StageSpec, config_file: Path | None, overrides: dict[str, Any]):
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            data = yaml.safe_load(config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise InputError(f"cannot read config: {e}", file=str(config_file)) from None
-        if not isinstance(data, dict):
-            raise InputError("config must be a mapping of field: value", file=str(config_file))
+    """The stage's config from `config_file` (YAML/JSON, optional) with `overrides` (None = not given) on top."""
+    data: dict[str, Any] = read_config(config_file, f"config of stage '{spec.name}'") if config_file else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return spec.config(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"{err['msg']} (config of stage '{spec.name}')",
-                         file=str(config_file) if config_file else "<command line>",
-                         column=".".join(str(p) for p in err["loc"])) from None
+    return validate(spec.config, data, file=str(config_file) if config_file else "<command line>",
+                    what=f"config of stage '{spec.name}'")
+
+
+def check_common(common: dict[str, Any]) -> None:
+    """The engine options are settings like the config's: in range before anything loads or runs."""
+    bounds = {"fail_threshold": (0.0, 1.0), "shard_size": (1, None), "replicas": (1, None)}
+    for name, (low, high) in bounds.items():
+        value = common[name]
+        if not (value >= low and (high is None or value <= high)):  # `not >=` also catches nan
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise InputError(f"must be {span}, got {value}", file="<command line>",
+                             column="--" + name.replace("_", "-"))
 
 
 def make_stage_command(spec: StageSpec):
     """A typer-compatible function whose signature lists the stage's options."""
-    field_params = []
-    for name, field in spec.config.model_fields.items():
-        t = _option_type(field.annotation)
-        if t is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if t is bool else [flag]
-        field_params.append(inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[t],
-            default=typer.Option(None, *decls, help=f"{field.description or ''} [default: {field.default}]",
-                                 rich_help_panel="Stage config")))
+    field_params = model_options(spec.config, panel="Stage config")
 
     def command(**kwargs):
         from pipeline.engine import read_input, run_stage, stage_fingerprint
         from pipeline.store import RunStore
 
         common = {k: kwargs.pop(k) for k in list(kwargs) if k in _COMMON}
+        check_common(common)
         cfg = load_config(spec, common["config"], kwargs)
         backend = None
         if spec.needs_backend and not (common["ray"] and not common["print_fingerprint"]):  # Ray: one per actor

@@ -13,6 +13,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.backends.base import SamplingParams
+from pipeline.config_io import NonEmptyStr
 from pipeline.errors import BackendError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.tables import GENERATIONS
@@ -26,7 +27,7 @@ class GenerateConfig(StageConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass.")
     top_k: int = Field(0, ge=-1, description="0 or -1: off.")
     max_tokens: int = Field(256, ge=1, description="Most new tokens per sample.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (YAML config only).")
+    stop: list[NonEmptyStr] = Field(default_factory=list, description="Stop strings (YAML config only).")
 
     def sampling_params(self, seed: int | None) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

@@ -32,6 +32,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pipeline.backends.base import SamplingParams
+from pipeline.config_io import NonEmptyStr
 from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from stages._common import now_utc, pair_id
@@ -86,8 +87,8 @@ class RationaleConfig(StageConfig):
     retry_temperature: float = Field(0.7, ge=0.0, description="temperature of the regeneration attempts")
     max_attempts: int = Field(2, ge=1, description="attempts per pair before it is filtered")
     max_tokens: int | None = Field(None, ge=1, description="rationale tokens; None: 256 general, 512 specific")
-    stop: list[str] | None = Field(None, description="stop strings; None: a blank line for general, none for "
-                                                     "specific")
+    stop: list[NonEmptyStr] | None = Field(
+        None, description="stop strings; None: a blank line for general, none for specific")
     min_words: int = Field(3, ge=1, description="fewest words the model must write (after the lead)")
     max_copy_ratio: float = Field(0.6, ge=0.0, le=1.0, description="most of the rationale's 4-grams that may be "
                                                                    "copied from the prompt and responses")

@@ -1,6 +1,11 @@
-"""`prefpipe train [CONFIG.yaml] [options]`: train on a pair / ranked-list table and write the output folder."""
+"""`prefpipe train [CONFIG.yaml] [options]`: train on a pair / ranked-list table and write the output folder.
+
+The options are generated from `TrainConfig` (pipeline/config_options.py): `--lr`, `--max-steps`, and every nested
+field as `--loss.beta`, `--list-loss.loss-type`, `--tokenize.max-length`. A few shortcuts keep their short names.
+"""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -8,64 +13,65 @@ from typing import Optional
 
 import typer
 
+from pipeline.config_options import collect, model_options, parse_value
+from pipeline.train.config import TrainConfig, merge
 
-def _overrides(**opts) -> dict:
-    """CLI options -> nested TrainConfig fields (None = not given)."""
-    out: dict = {}
-    nested = {"loss_type": ("loss", "loss_type"), "beta": ("loss", "beta"), "rpo_alpha": ("loss", "rpo_alpha"),
-              "max_length": ("tokenize", "max_length"), "prefix_as_prompt": ("tokenize", "prefix_as_prompt")}
-    for key, value in opts.items():
+# Short names for the most used nested fields: option -> (TrainConfig paths it sets, help).
+SHORTCUTS: dict[str, tuple[tuple[str, ...], type, str]] = {
+    "loss_type": (("loss.loss_type",), str, "= --loss.loss-type: pairwise loss, e.g. sigmoid, ipo, apo_zero; "
+                                              "several as sigmoid,sft"),
+    "beta": (("loss.beta", "list_loss.beta"), float, "β of the pairwise and of the list loss (= --loss.beta and "
+                                                     "--list-loss.beta)"),
+    "rpo_alpha": (("loss.rpo_alpha",), float, "= --loss.rpo-alpha: add alpha * NLL(chosen) (RPO)"),
+    "max_length": (("tokenize.max_length",), int, "= --tokenize.max-length: max prompt + completion tokens"),
+    "prefix_as_prompt": (("tokenize.prefix_as_prompt",), bool, "= --tokenize.prefix-as-prompt: score only the "
+                                                               "part after shared_prefix"),
+}
+
+
+def _shortcut_params() -> list[inspect.Parameter]:
+    params = []
+    for name, (_, t, help_) in SHORTCUTS.items():
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if t is bool else [flag]
+        params.append(inspect.Parameter(f"short__{name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[t],
+                                        default=typer.Option(None, *decls, help=help_,
+                                                             rich_help_panel="Shortcuts")))
+    return params
+
+
+def overrides(options: dict) -> dict:
+    """Command-line options (None = not given) -> nested TrainConfig fields; a full name wins over a shortcut."""
+    short: dict = {}
+    for name, (paths, _, _) in SHORTCUTS.items():
+        value = options.pop(f"short__{name}", None)
         if value is None:
             continue
-        if key == "loss_type" and "," in value:
-            value = [t.strip() for t in value.split(",") if t.strip()]
-        if key in nested:
-            section, field = nested[key]
-            out.setdefault(section, {})[field] = value
-        else:
-            out[key] = value
-    return out
+        if name == "loss_type":
+            value = parse_value(value)
+        for path in paths:
+            section, field = path.split(".")
+            short.setdefault(section, {})[field] = value
+    return merge(short, collect(options, TrainConfig))
+
+
+def _output_dir_short_flag(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    # `-o` for --output-dir, as stage commands have it for --run-dir
+    for p in params:
+        if p.name == "output_dir":
+            p.default.param_decls = (*p.default.param_decls, "-o")
+    return params
 
 
 def register(app: typer.Typer, stage_app: typer.Typer) -> None:
-    @app.command("train")
-    def train_cmd(
-        config: Optional[Path] = typer.Argument(None, help="YAML TrainConfig; options below override it"),
-        model: Optional[str] = typer.Option(None, help="policy folder or built-in name (tiny-policy)"),
-        data: Optional[str] = typer.Option(None, help="pair / ranked-list table (.parquet, folder, .jsonl)"),
-        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o"),
-        mode: Optional[str] = typer.Option(None, help="preference | sft"),
-        sft_column: Optional[str] = typer.Option(None, help="mode sft: the column to train on (e.g. gold)"),
-        loss_type: Optional[str] = typer.Option(
-            None, help="pairwise loss, e.g. sigmoid, ipo, apo_zero; several as sigmoid,sft"),
-        beta: Optional[float] = typer.Option(None),
-        rpo_alpha: Optional[float] = typer.Option(None, help="add alpha * NLL(chosen) (RPO)"),
-        lr: Optional[float] = typer.Option(None),
-        epochs: Optional[float] = typer.Option(None),
-        max_steps: Optional[int] = typer.Option(None),
-        micro_batch: Optional[int] = typer.Option(None),
-        grad_accum: Optional[int] = typer.Option(None),
-        max_length: Optional[int] = typer.Option(None),
-        prefix_as_prompt: Optional[bool] = typer.Option(None, "--prefix-as-prompt/--no-prefix-as-prompt"),
-        share_prompt: Optional[bool] = typer.Option(None, "--share-prompt/--no-share-prompt",
-                                                    help="run the prompt once per pair (block attention mask)"),
-        gradient_checkpointing: Optional[bool] = typer.Option(
-            None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-        device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-        seed: Optional[int] = typer.Option(None),
-        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
-    ) -> None:
+    def train_cmd(config: Optional[Path] = None, **options) -> None:
         """Train the policy on preference pairs (DPO and friends), ranked lists, or SFT; writes
         OUTPUT_DIR/{metrics.jsonl, final/, train_summary.json}."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from pipeline.train.config import load_config
         from pipeline.train.launch import make_trainer
 
-        cfg = load_config(config, _overrides(
-            model=model, data=data, output_dir=output_dir, mode=mode, sft_column=sft_column, loss_type=loss_type,
-            beta=beta, rpo_alpha=rpo_alpha, lr=lr, epochs=epochs, max_steps=max_steps, micro_batch=micro_batch,
-            grad_accum=grad_accum, max_length=max_length, prefix_as_prompt=prefix_as_prompt, device=device,
-            seed=seed, progress=progress, share_prompt=share_prompt, gradient_checkpointing=gradient_checkpointing))
+        cfg = load_config(config, overrides(options))
         result = make_trainer(cfg).train()
         if cfg.distributed != "none":  # under torchrun: end the process group on every rank together
             from pipeline.distributed.ddp import close
@@ -75,3 +81,9 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
                                       "logps/rejected", "grad_norm") if k in last}
         typer.echo(json.dumps({"steps": result.steps, "output_dir": str(result.output_dir),
                                "reference_cache_reused": result.ref_reused, "last": shown}))
+
+    config_param = inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],
+                                     default=typer.Argument(None, help="YAML/JSON TrainConfig; options override it"))
+    fields = _output_dir_short_flag(model_options(TrainConfig, panel="Training", nested=True, lists=True))
+    train_cmd.__signature__ = inspect.Signature([config_param, *_shortcut_params(), *fields])
+    app.command("train")(train_cmd)

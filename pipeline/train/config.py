@@ -2,19 +2,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.errors import InputError
+from pipeline.config_io import FiniteFloat, read_config, validate
 from pipeline.train.data import TokenizeConfig
 from pipeline.train.losses import ListLossConfig, LossConfig
 
 
+_Beta = Annotated[FiniteFloat, Field(ge=0, lt=1)]
+
+# Loss settings the trainer does not feed yet: each needs a tensor that the forward pass does not produce (per-token
+# log-probs for LD-DPO, the squared-probability mass for WPO). Set, they would fail at the first step; refused at
+# load instead. `pair_loss` implements them for callers that build a PairBatch with those tensors.
+UNFED_LOSS_SETTINGS = {
+    "ld_alpha": (None, "LD-DPO needs per-token log-probs, which the trainer's fused head does not return"),
+    "use_weighting": (False, "WPO needs each completion's squared-probability mass, which the trainer does not "
+                      "compute"),
+    "wpo_clamp": (False, "it only acts with use_weighting (WPO), which the trainer does not support"),
+}
+
+
 class TrainConfig(BaseModel):
     """One preference (or SFT) training run. Defaults follow TRL's DPOTrainer where it has one."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(..., description="policy: a local HF model folder or a built-in name (tiny-policy)")
     ref_model: str | None = Field(None, description="reference model folder; None = the initial policy")
@@ -34,22 +46,23 @@ class TrainConfig(BaseModel):
 
     loss: LossConfig = Field(default_factory=LossConfig, description="pairwise loss (sigmoid DPO, beta 0.1)")
     list_loss: ListLossConfig = Field(default_factory=ListLossConfig, description="ranked-list loss")
-    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="rows -> token ids")
 
-    lr: float = Field(1e-6, gt=0, description="peak learning rate (TRL's default)")
+    lr: FiniteFloat = Field(1e-6, gt=0, description="peak learning rate (TRL's default)")
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="after warmup: linear or cosine decay to 0, or constant")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many optimizer steps")
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = Field((0.9, 0.999))
-    adam_eps: float = Field(1e-8, gt=0)
-    max_grad_norm: float | None = Field(1.0, description="clip the global grad norm; None = no clipping")
-    epochs: float = Field(1.0, gt=0, description="passes over the data (ignored when max_steps is set)")
+    weight_decay: FiniteFloat = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    adam_betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
+    adam_eps: FiniteFloat = Field(1e-8, gt=0, description="AdamW epsilon")
+    max_grad_norm: FiniteFloat | None = Field(
+        1.0, gt=0, description="clip the global grad norm; None = no clipping")
+    epochs: FiniteFloat = Field(1.0, gt=0, description="passes over the data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     micro_batch: int = Field(4, ge=1, description="pairs (lists, sft rows) per forward")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     shuffle: bool = Field(True, description="shuffle groups every epoch (seeded)")
-    seed: int = Field(42)
+    seed: int = Field(42, ge=0, description="seed of the shuffle, dropout and initialisation")
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
@@ -99,6 +112,15 @@ class TrainConfig(BaseModel):
         None, description="continue from a checkpoint-<step> folder (weights, optimizer, step), or 'latest' in "
         "output_dir; the other fields must match the run that wrote it")
 
+    @field_validator("loss")
+    @classmethod
+    def _fed(cls, loss: LossConfig) -> LossConfig:
+        for name, (off, why) in UNFED_LOSS_SETTINGS.items():
+            if getattr(loss, name) != off:
+                raise ValueError(f"{name}={getattr(loss, name)!r} is not supported by the trainer: {why}; "
+                                 f"leave it at {off!r}")
+        return loss
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.mode == "sft" and self.data_kind == "lists":
@@ -122,28 +144,12 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML config file (or none); `overrides` (e.g. CLI options, nested dicts) win. Bad fields raise
-    InputError naming the field."""
-    raw: dict = {}
-    file = str(path) if path is not None else None
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError("no such config file", file=file)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise InputError(f"not valid YAML: {e}", file=file) from e
-        if not isinstance(raw, dict):
-            raise InputError("a training config must be a mapping of fields", file=file)
-    return parse_config(merge(raw, overrides or {}), file=file)
+    """Read a YAML/JSON config file (or none); `overrides` (e.g. CLI options, nested dicts) win. Bad fields raise
+    InputError naming the file and the dotted field."""
+    raw = read_config(path, "training config") if path is not None else {}
+    return parse_config(merge(raw, overrides or {}), file=str(path) if path is not None else None)
 
 
-def parse_config(raw: dict, file: str | None = None) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or None
-        raise InputError(f"{err['msg']} ({len(e.errors())} problem(s) in the config)", file=file,
-                         column=field) from e
+def parse_config(raw: dict, file: str | None = None, prefix: tuple = ()) -> TrainConfig:
+    """`raw` as a TrainConfig; `prefix` is where it sits in a larger file (a run config's `train.2.config`)."""
+    return validate(TrainConfig, raw, file=file, prefix=prefix, what="training config")

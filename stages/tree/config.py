@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pipeline.backends.base import SamplingParams
+from pipeline.config_io import NonEmptyStr
 
 
 class SearchConfig(BaseModel):
@@ -44,7 +45,7 @@ class SearchConfig(BaseModel):
         "(a greedy line everywhere else, siblings where the policy errs)"))
     step_max_tokens: int = Field(64, ge=1, description="most new tokens of one step")
     rollout_max_tokens: int = Field(256, ge=1, description="most new tokens of a rollout / full response")
-    step_stop: list[str] = Field(default_factory=lambda: ["\n"], description="strings that end a step")
+    step_stop: list[NonEmptyStr] = Field(default_factory=lambda: ["\n"], description="strings that end a step")
     step_join: str = Field("\n", description="string between steps in a response")
     terminal_regex: str = Field(r"^\s*Answer\s*:", description="a step matching this ends the response")
 

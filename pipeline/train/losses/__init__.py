@@ -4,9 +4,6 @@ Public API: PairBatch, LossConfig, LossState, pair_loss (every pairwise loss, mu
 LN-DPO, f-divergences, LD-DPO, WPO, SPA, LCPO); ListBatch, ListLossConfig, list_loss (Plackett–Luce, LiPO-λ,
 PRO, TPO) and tpo_step_scores; rationale_loss (RDPO).
 """
-from pipeline.train.losses.lists import list_loss, tpo_step_scores
-from pipeline.train.losses.pair import pair_loss
-from pipeline.train.losses.rationale import rationale_loss
 from pipeline.train.losses.types import (
     BATCH_COUPLED_TYPES,
     PAIR_LOSS_TYPES,
@@ -17,6 +14,21 @@ from pipeline.train.losses.types import (
     LossState,
     PairBatch,
 )
+
+# The loss functions import torch; they load on first use so that reading a config (TrainConfig holds the loss
+# configs) does not pay torch's import: `prefpipe` builds its `train` options from TrainConfig at start-up.
+def __getattr__(name: str):
+    if name in ("list_loss", "tpo_step_scores"):
+        from pipeline.train.losses import lists
+        return getattr(lists, name)
+    if name == "pair_loss":
+        from pipeline.train.losses.pair import pair_loss
+        return pair_loss
+    if name == "rationale_loss":
+        from pipeline.train.losses.rationale import rationale_loss
+        return rationale_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BATCH_COUPLED_TYPES", "PAIR_LOSS_TYPES", "TRL_LOSS_TYPES", "ListBatch", "ListLossConfig", "LossConfig",

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: the configs here load without torch (CLI start-up, config checks)
+    from torch import Tensor
 
 # TRL DPOTrainer's fifteen loss types, then the ones added from the seed papers (docs/trainer.md lists them).
 TRL_LOSS_TYPES: tuple[str, ...] = (
@@ -95,7 +97,7 @@ class ListBatch:
 class LossConfig(BaseModel):
     """Pairwise preference loss settings. Defaults reproduce TRL's DPOTrainer (sigmoid DPO, β = 0.1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     loss_type: str | list[str] = Field("sigmoid", description=f"One of {PAIR_LOSS_TYPES}, or a list of them.")
     loss_weights: list[float] | None = Field(
@@ -183,7 +185,7 @@ class LossConfig(BaseModel):
 class ListLossConfig(BaseModel):
     """Ranked-list loss settings (docs/trainer.md)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     loss_type: Literal["plackett_luce", "lipo_lambda", "pro", "tpo"] = "plackett_luce"
     beta: float = Field(0.1, gt=0, description="r = β·(log πθ - log πref) for PL/LiPO; β(s_i - s_j) for TPO.")
