@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from flows.config import RunConfig
-from flows.steps import model_labels, run_dir
+from flows.paths import model_labels, run_dir
+from pipeline.agreement import label_agreement
 from pipeline.store import RunStore, atomic_write_bytes
 from schemas.errors import InputError
 
@@ -145,16 +146,15 @@ def _verifier_agreement(problems: dict, pairs) -> dict | None:
     columns and stages.self_label.label_report are that stage's view of the same thing)."""
     from pipeline.tasks.verify import verify_answer
 
-    counts = {"agree": 0, "both_right": 0, "both_wrong": 0, "inverted": 0}
+    verdicts = []
     for r in pairs.select(list(AGREEMENT_COLUMNS)).to_pylist():
         problem = problems.get(r["prompt_id"])
         if r["status"] != "ok" or problem is None:
             continue
         prefix = r["shared_prefix"] or ""
         c, j = verify_answer(prefix + r["chosen"], problem), verify_answer(prefix + r["rejected"], problem)
-        counts["agree" if c and not j else "inverted" if j and not c else "both_right" if c else "both_wrong"] += 1
-    n = sum(counts.values())
-    return {**counts, "n": n, "agree_share": counts["agree"] / n} if n else None
+        verdicts.append((c, j))
+    return label_agreement(verdicts)
 
 
 def _tree_stats(trees) -> dict:

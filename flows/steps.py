@@ -19,13 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.config import RunConfig, TaskInput, arm_fields
+from flows.paths import model_labels, run_dir  # noqa: F401  (model_labels: steps.model_labels for the flow)
 from pipeline.store import RunStore, atomic_write_bytes, atomic_write_table
 from pipeline.threads import set_threads
 from schemas.errors import InputError
-
-
-def run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.output_dir)
 
 
 def _resolve(base: Path, p: str) -> Path:
@@ -161,13 +158,6 @@ def export_step(cfg: RunConfig) -> Path:
     if cfg.export.repo:
         hub.push_export(result.folder, cfg.export.repo, private=cfg.export.private)
     return result.folder
-
-
-def model_labels(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(label, model path) for the base model and every training arm's final model."""
-    labels = [("base", cfg.model)]
-    labels += [(arm.name, str(run_dir(cfg) / "train" / arm.name / "final")) for arm in cfg.train]
-    return labels
 
 
 def no_progress() -> bool:

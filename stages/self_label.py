@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field
 
+from pipeline.agreement import label_agreement
 from pipeline.backends.base import SamplingParams
 from pipeline.stage import StageConfig, StageContext, register_stage
 from stages._common import now_utc, pair_id, pairs_table, task_problem
@@ -188,7 +189,8 @@ def label_report(pairs: pa.Table, n_buckets: int = 5) -> dict:
     rows = [r for r in pairs.to_pylist() if r.get("status", "ok") == "ok"]
     decided = [r for r in rows if r.get("chosen_correct") is not None
                and r["chosen_correct"] != r["rejected_correct"]]
-    agree = sum(bool(r["chosen_correct"]) for r in decided)
+    verdicts = label_agreement((r.get("chosen_correct"), r.get("rejected_correct")) for r in rows) or {}
+    agree = verdicts.get("agree", 0)
     buckets, ece = [], 0.0
     for b in range(n_buckets):
         lo, hi = 0.5 + 0.5 * b / n_buckets, 0.5 + 0.5 * (b + 1) / n_buckets
@@ -202,8 +204,7 @@ def label_report(pairs: pa.Table, n_buckets: int = 5) -> dict:
                             "mean_confidence": conf})
     return {"pairs": len(rows), "decided": len(decided), "agree": agree,
             "agreement": agree / len(decided) if decided else None,
-            "both_right": sum(bool(r.get("chosen_correct")) and bool(r.get("rejected_correct")) for r in rows),
-            "both_wrong": sum(r.get("chosen_correct") is False and r.get("rejected_correct") is False for r in rows),
+            "both_right": verdicts.get("both_right", 0), "both_wrong": verdicts.get("both_wrong", 0),
             "low_confidence": sum(bool(r.get("low_confidence")) for r in rows),
             "mean_len_diff": (sum(len(r["chosen"]) - len(r["rejected"]) for r in rows) / len(rows)) if rows else None,
             "calibration": buckets, "ece": ece if decided else None}

@@ -12,6 +12,7 @@ import json
 
 import pyarrow as pa
 
+from pipeline.agreement import label_agreement
 from pipeline.tasks.verify import first_wrong_step, problem_from_meta
 from stages.tree.mining import STEP_TYPES
 from stages.tree.verifier import final_answer, same_answer
@@ -19,6 +20,11 @@ from stages.tree.verifier import final_answer, same_answer
 
 def _share(xs: list[bool]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def _agree_share(verdicts: list[tuple[bool, bool]]) -> float | None:
+    """Share of pairs whose chosen side is right and rejected side wrong."""
+    return (label_agreement(verdicts) or {}).get("agree_share")
 
 
 def _step_ok(text: str, problem) -> bool:
@@ -39,12 +45,12 @@ def quality_report(pairs: pa.Table, trees: pa.Table) -> dict:
         problem = problems.get(r["prompt_id"])
         len_diff.append(len(r["chosen"]) - len(r["rejected"]))
         if r["pair_type"] == "terminal" and gold is not None:
-            term_ans.append(same_answer(final_answer(r["chosen"]), gold)
-                            and not same_answer(final_answer(r["rejected"]), gold))
+            term_ans.append((same_answer(final_answer(r["chosen"]), gold),
+                             same_answer(final_answer(r["rejected"]), gold)))
             if problem is not None:
                 term_steps.append(first_wrong_step(r["chosen"], problem) is None)
         elif r["pair_type"] in STEP_TYPES and problem is not None:
-            step_ok.append(_step_ok(r["chosen"], problem) and not _step_ok(r["rejected"], problem))
+            step_ok.append((_step_ok(r["chosen"], problem), _step_ok(r["rejected"], problem)))
         extra = json.loads(r["extra"])
         if "order_holds" in extra:
             holds.append(bool(extra["order_holds"]))
@@ -52,9 +58,9 @@ def quality_report(pairs: pa.Table, trees: pa.Table) -> dict:
     with_pairs = len({r["prompt_id"] for r in rows})
     return {
         "prompts": n_prompts, "pairs": len(rows),
-        "terminal_pairs": len(term_ans), "terminal_chosen_right_rejected_wrong": _share(term_ans),
+        "terminal_pairs": len(term_ans), "terminal_chosen_right_rejected_wrong": _agree_share(term_ans),
         "terminal_chosen_all_steps_right": _share(term_steps),
-        "step_pairs": len(step_ok), "step_chosen_right_rejected_wrong": _share(step_ok),
+        "step_pairs": len(step_ok), "step_chosen_right_rejected_wrong": _agree_share(step_ok),
         "step_pairs_checked": len(holds), "step_order_holds": _share(holds),
         "prompts_with_pairs": with_pairs / n_prompts if n_prompts else None,
         "pairs_per_prompt": len(rows) / n_prompts if n_prompts else None,
