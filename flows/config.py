@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 class TaskInput(_Strict):
     preset: Literal["tiny", "default"] = Field("tiny", description="TaskConfig preset of the bundled task")
-    split: Literal["train", "eval"] = "train"
+    split: Literal["train", "eval"] = Field("train", description="which seeded split of the bundled task")
     n: int = Field(200, ge=1, description="problems to take from the split")
     overrides: dict[str, Any] = Field(default_factory=dict, description="TaskConfig fields to override")
 
@@ -102,7 +102,7 @@ class EvalStep(TaskSource):
     task: TaskInput | str = Field(default_factory=lambda: TaskInput(split="eval", n=1000),
                                   description="the bundled task's split ({preset: tiny, split: eval, n: 1000}) or a "
                                               "task name with path / size (see inputs)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="eval problems per generate call")
     max_tokens: int = Field(192, ge=1, description="new tokens per eval answer")
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples for Δ intervals")
     compare_with: dict[str, str] = Field(
@@ -118,22 +118,24 @@ class EvalStep(TaskSource):
 class ExportStep(_Strict):
     out: PathComponent = Field("export", description="export folder, one name inside output_dir")
     repo: str | None = Field(None, description="push to this Hub dataset repo when set")
-    private: bool = True
+    private: bool = Field(True, description="create the Hub repo private")
 
 
 class RunConfig(_Strict):
     name: PathComponent = Field("run", description="run name (Prefect deployment and report artifact)")
-    output_dir: str = "runs/run"
-    model: str = "tiny-policy"
-    backend: Backend = "transformers"
-    base_url: str | None = None
+    output_dir: str = Field("runs/run", description="the run directory (relative to the working directory)")
+    model: str = Field("tiny-policy", description="the policy every stage samples from: a built-in name or a "
+                       "model folder; also the base model of every arm and of the base eval")
+    backend: Backend = Field("transformers", description="model backend of every stage (a step may override it)")
+    base_url: str | None = Field(None, description="server URL for backend http")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for every step")
-    inputs: Inputs
-    stages: list[StageStep] = Field(default_factory=list)
-    train: list[TrainArm] = Field(default_factory=list)
-    eval: EvalStep | None = None
-    report: bool = True
-    export: ExportStep | None = None
+    inputs: Inputs = Field(..., description="the prompts the first stages read")
+    stages: list[StageStep] = Field(default_factory=list, description="stages, run in order")
+    train: list[TrainArm] = Field(default_factory=list, description="training arms, run after the generate-phase "
+                                  "stages")
+    eval: EvalStep | None = Field(None, description="greedy accuracy of the base model and of every arm")
+    report: bool = Field(True, description="write report/ (report.md, summary.json, plots)")
+    export: ExportStep | None = Field(None, description="export the run's tables (and push them to the Hub)")
 
     def stage(self, stage_id: str) -> StageStep:
         for s in self.stages:

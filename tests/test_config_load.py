@@ -226,6 +226,9 @@ TRAIN_CASES = {
     "beta-option-nan": ("model: m\ndata: d\n", ["--beta", "nan"], "loss.beta", "finite"),
     "adam-betas-option": ("model: m\ndata: d\n", ["--adam-betas", "0.9,1.5"], "adam_betas.1", "less than 1"),
     "max-grad-norm-zero": ("model: m\ndata: d\nmax_grad_norm: 0\n", [], "max_grad_norm", "greater than 0"),
+    "tpo-range-empty": ("model: m\ndata: d\nlist_loss: {loss_type: tpo, tpo_label_range: [1, 1]}\n", [],
+                        "list_loss", "must run from low to high"),
+    "seed-negative": ("model: m\ndata: d\n", ["--seed", "-1"], "seed", "greater than or equal to 0"),
     "tokenize-unknown": ("model: m\ndata: d\ntokenize: {max_lenght: 8}\n", [], "tokenize.max_lenght", "Extra"),
 }
 
@@ -299,3 +302,17 @@ def test_hostile_stage_config(case, tmp_path, monkeypatch, capsys):
     where = "file <command line>" if key and key.startswith("--") else f"file {path}"
     assert where in err, err
     assert _files(tmp_path) == {"stage.yaml", "prompts.jsonl"}
+
+
+def test_every_run_config_key_is_documented():
+    """docs/configs.md lists every key of a run config, and every key has a description in the model."""
+    from flows import config as run_config
+
+    doc = (ROOT / "docs" / "configs.md").read_text()
+    models = (run_config.RunConfig, run_config.Inputs, run_config.TaskInput, run_config.StageStep,
+              run_config.TrainArm, run_config.EvalStep, run_config.ExportStep)
+    internal = {"task_name"}  # filled from `task: NAME` by the loader, never written in a config
+    missing = [f"{m.__name__}.{name}" for m in models for name in m.model_fields
+               if f"`{name}`" not in doc and name not in internal]
+    undescribed = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items() if not f.description]
+    assert missing == [] and undescribed == []

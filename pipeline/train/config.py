@@ -121,6 +121,14 @@ class TrainConfig(BaseModel):
                                  f"leave it at {off!r}")
         return loss
 
+    @field_validator("list_loss")
+    @classmethod
+    def _label_range(cls, list_loss: ListLossConfig) -> ListLossConfig:
+        span = list_loss.tpo_label_range
+        if span is not None and not span[0] < span[1]:  # TPO divides by the range's width
+            raise ValueError(f"tpo_label_range {tuple(span)} must run from low to high")
+        return list_loss
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.mode == "sft" and self.data_kind == "lists":
