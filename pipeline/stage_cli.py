@@ -44,10 +44,16 @@ def make_stage_command(spec: StageSpec):
     def command(**kwargs):
         from pipeline.engine import read_input, run_stage, stage_fingerprint
         from pipeline.store import RunStore
+        from schemas import validate as validate_input
 
         common = {k: kwargs.pop(k) for k in list(kwargs) if k in _COMMON}
         check_common(common)
         cfg = load_config(spec, common["config"], kwargs)
+        rows, store = None, RunStore(common["run_dir"])
+        if not common["print_fingerprint"]:  # bad input or output fails here, before a model loads (seconds)
+            rows = validate_input(read_input(common["input"], spec.input_kind), spec.input_kind,
+                                  file=str(common["input"]))
+            store.check_writable()
         backend = None
         if spec.needs_backend and not (common["ray"] and not common["print_fingerprint"]):  # Ray: one per actor
             from pipeline.backends import make_backend
@@ -57,13 +63,12 @@ def make_stage_command(spec: StageSpec):
                 fp, inputs = stage_fingerprint(spec, cfg, backend)
                 typer.echo(json.dumps({"fingerprint": fp, "inputs": inputs}, indent=1, sort_keys=True))
                 return
-            rows = read_input(common["input"], spec.input_kind)
             run = run_stage
             if common["ray"]:
                 from pipeline.distributed.ray_runner import ray_stage_runner
                 run = ray_stage_runner(common["ray"], common["replicas"], common["backend"], common["model"],
                                        base_url=common["base_url"])
-            res = run(spec, rows, cfg, backend, RunStore(common["run_dir"]),
+            res = run(spec, rows, cfg, backend, store,
                             shard_size=common["shard_size"], fail_threshold=common["fail_threshold"],
                             overwrite=common["overwrite"], input_file=str(common["input"]))
         finally:

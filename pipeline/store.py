@@ -364,7 +364,8 @@ class RunStore:
 
     def stages(self) -> list[str]:
         if not self.root.is_dir():
-            raise StoreError(f"run directory {self.root} does not exist")
+            raise StoreError(f"run directory {self.root} " + ("is a file, not a folder" if self.root.exists()
+                                                              else "does not exist"))
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).exists())
 
     def require_run(self) -> list[str]:

@@ -1,7 +1,6 @@
 """Malformed input through the real CLI: non-zero exit, a message naming file/row/column, no partial output."""
 import datetime as dt
 import json
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,19 +10,9 @@ import flows.app as cli
 from pipeline.stage import get_stage
 from pipeline.stage_cli import register_stage_commands
 import tests.helpers.toy_stage  # noqa: F401  (registers toy-pairs)
+from tests.helpers.cli import run_cli
 
 register_stage_commands(cli.stage_app, [get_stage("toy-pairs")])
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["prefpipe", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 def _pairs(**over):

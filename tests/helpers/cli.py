@@ -1,16 +1,16 @@
-"""Run `prefpipe` in-process (a subprocess re-imports every area: slow on 2 cores)."""
+"""Run the real `prefpipe` command in-process (startup is seconds per subprocess; a suite of hundreds of
+malformed inputs cannot afford that) and return its exit code and everything it printed."""
 import sys
 
+from flows import app as cli
 
-def run_prefpipe(argv, monkeypatch, capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `prefpipe ARGV` through flows.app.main, as the console script runs it."""
-    from flows import app
 
-    monkeypatch.setattr(sys, "argv", ["prefpipe", *map(str, argv)])
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["prefpipe", *map(str, args)])
+    code = 0
     try:
-        app.main()
-        code = 0
-    except SystemExit as ex:
-        code = ex.code or 0
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
     out = capsys.readouterr()
-    return code, out.out, out.err
+    return code, out.out + out.err
