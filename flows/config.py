@@ -119,6 +119,12 @@ class ExportStep(_Strict):
     out: PathComponent = Field("export", description="export folder, one name inside output_dir")
     repo: str | None = Field(None, description="push to this Hub dataset repo when set")
     private: bool = Field(True, description="create the Hub repo private")
+    default_config: str | None = Field(None, description="config `load_dataset(export)` loads without a name, or a "
+                                       "stage id (default: the data of the first treatment arm)")
+    format: Literal["auto", "conversational", "standard"] = Field(
+        "auto", description="row format (auto: conversational when the model has a chat template)")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of prompts in a seeded test split")
+    seed: int = Field(0, description="seed of the train/test split")
 
 
 class RunConfig(_Strict):

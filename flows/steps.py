@@ -154,7 +154,12 @@ def export_step(cfg: RunConfig) -> Path:
     from pipeline import hub
 
     out = run_dir(cfg) / cfg.export.out
-    result = hub.export_run(run_dir(cfg), out, repo_id=cfg.export.repo)
+    e = cfg.export
+    treatment = next((arm.data for arm in cfg.train if arm.role == "treatment"), None)
+    # overwrite: the flow's own earlier export (a rerun); only the files it listed are replaced.
+    settings = hub.ExportConfig(default_config=e.default_config or treatment, format=e.format,
+                                test_fraction=e.test_fraction, seed=e.seed, overwrite=True)
+    result = hub.export_run(run_dir(cfg), out, settings, repo_id=cfg.export.repo)
     if cfg.export.repo:
         hub.push_export(result.folder, cfg.export.repo, private=cfg.export.private)
     return result.folder

@@ -36,7 +36,8 @@ class ConfigExport:
     name: str
     stage: str
     output: str
-    kind: str                                   # "pairs" | "lists"
+    kind: str                                   # "pairs" | "lists" | "sft"
+    format: str                                 # conversational | standard | step | messages (hub_rows.py)
     status: dict[str, int]                      # every row in the store, by status
     splits: dict[str, int] = field(default_factory=dict)      # exported (ok) rows per split
     files: dict[str, list[str]] = field(default_factory=dict)  # split -> paths relative to the folder
@@ -67,6 +68,19 @@ def _describe(values: pl.Series) -> dict[str, Any] | None:
 
 
 PAIR_STAT_COLUMNS = ("score_margin", "label_confidence", "generator_model", "judge_model", "method", "pair_type")
+VERDICTS = ("chosen_correct", "rejected_correct")
+
+
+def _verdict(table: pa.Table, name: str) -> pa.Array | None:
+    """A side's verifier verdict: its own column (self-label), else the same key in `extra` (tree mining)."""
+    if name in table.column_names:
+        return table.column(name).cast(pa.bool_())
+    if "extra" not in table.column_names:
+        return None
+    found = pl.from_arrow(table.column("extra").combine_chunks()).cast(pl.Utf8).str.json_path_match(f"$.{name}")
+    if found.null_count() == len(found):
+        return None
+    return found.replace_strict({"true": True, "false": False}, default=None, return_dtype=pl.Boolean).to_arrow()
 
 
 def reduce_pairs(table: pa.Table) -> pa.Table:
@@ -74,7 +88,32 @@ def reduce_pairs(table: pa.Table) -> pa.Table:
     cols = {c: table.column(c) for c in PAIR_STAT_COLUMNS if c in table.column_names}
     if "shared_prefix" in table.column_names:
         cols["has_prefix"] = pc.fill_null(pc.greater(pc.utf8_length(table.column("shared_prefix")), 0), False)
+    verdicts = [_verdict(table, v) for v in VERDICTS]
+    if all(v is not None for v in verdicts):
+        cols |= dict(zip(VERDICTS, verdicts))
     return pa.table(cols)
+
+
+def reduce_sft(table: pa.Table) -> pa.Table:
+    text = next(c for c in ("text", "chosen", "gold") if c in table.column_names)
+    return pa.table({"answer_chars": pc.utf8_length(table.column(text))})
+
+
+def sft_stats(reduced: pa.Table) -> dict[str, Any]:
+    return {"rows": reduced.num_rows, "answer_chars": _describe(pl.from_arrow(reduced)["answer_chars"])}
+
+
+def verifier_agreement(df: pl.DataFrame) -> dict[str, int] | None:
+    """Over pairs whose two sides were both verified: chosen right and rejected wrong (the label agrees with the
+    verifier), the reverse, both right, both wrong."""
+    if not set(VERDICTS) <= set(df.columns):
+        return None
+    both = df.filter(pl.col("chosen_correct").is_not_null() & pl.col("rejected_correct").is_not_null())
+    if both.height == 0:
+        return None
+    c, r = both["chosen_correct"], both["rejected_correct"]
+    return {"verified": both.height, "agree": int((c & ~r).sum()), "inverted": int((~c & r).sum()),
+            "both_right": int((c & r).sum()), "both_wrong": int((~c & ~r).sum())}
 
 
 def reduce_lists(table: pa.Table) -> pa.Table:
@@ -106,6 +145,7 @@ def pair_stats(reduced: pa.Table) -> dict[str, Any]:
     out["pair_types"] = _counts(df, "pair_type")  # tree-search's first_wrong_step / terminal / ... when present
     if "has_prefix" in df.columns and df.height:
         out["shared_prefix_share"] = float(df["has_prefix"].sum()) / df.height
+    out["verifier_agreement"] = verifier_agreement(df)
     return out
 
 
@@ -212,12 +252,16 @@ def render_card(*, title: str, meta: dict, configs: list[ConfigExport], stages: 
     parts = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              CARD_MARKER, "", f"# {title}", "",
              "Preference data built by prefpipe from one run directory: chosen/rejected "
-             "pairs (TRL `prompt`/`chosen`/`rejected` columns) and ranked lists, one config per stage output. "
-             "Only rows with status `ok` are exported; failed and filtered rows are counted below.", ""]
+             "pairs in TRL's formats, ranked lists and SFT conversations, one or more configs per stage output. "
+             "Only rows with status `ok` are exported, with the columns a trainer reads plus provenance (ids, "
+             "stage, method, pair type, models, scores, verifier verdicts); failed and filtered rows are "
+             "counted below.", ""]
     parts += _usage(configs, repo_id)
     parts += _configs_section(configs, test_fraction, seed)
+    parts += _trl_section(configs)
     parts += _stage_section(stages)
     parts += _stats_section(configs)
+    parts += _agreement_section(configs)
     parts += _models_section(configs, stages)
     parts += _run_config_section(stages)
     parts += ["## Limitations", ""] + [f"- {line}" for line in limitations] + [""]
@@ -231,19 +275,79 @@ def _usage(configs: list[ConfigExport], repo_id: str | None) -> list[str]:
     return lines + ["```", ""]
 
 
+STEP_EOS_FIX = """from trl import DPOTrainer
+
+
+class StepDPOTrainer(DPOTrainer):
+    \"\"\"Drops the EOS that TRL appends after a step that does not end the answer.\"\"\"
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def drop_eos(row):
+            for side in ("chosen", "rejected"):
+                if row[f"{side}_is_terminal"] is False:
+                    row[f"{side}_ids"] = row[f"{side}_ids"][:-1]
+            return row
+
+        return dataset.map(drop_eos)"""
+
+
+def _trl_section(configs: list[ConfigExport]) -> list[str]:
+    formats = {c.format for c in configs}
+    lines = ["## Training with TRL", ""]
+    if "conversational" in formats:
+        lines.append("- `conversational` configs: `prompt` holds the system and user messages, `chosen` and "
+                     "`rejected` one assistant message each. TRL's `DPOTrainer` applies the model's chat template "
+                     "itself, so the policy sees the prompt as the generator did; `prefpipe train` computes the "
+                     "same losses and log-probabilities on these rows.")
+    if "standard" in formats:
+        lines.append("- `standard` configs: `prompt` is text with the generator's chat template already applied "
+                     "(a BOS the template writes is left out when the tokenizer adds its own, so it is not "
+                     "doubled); train with the generator's tokenizer. `prompt_messages` holds the conversation.")
+    if "step" in formats:
+        lines += ["- `step` configs (`-steps`): step pairs in the standard format. `prompt` is the chat-templated "
+                  "prompt followed by the verified prefix of the answer; `chosen` and `rejected` hold the next step "
+                  "alone. One difference remains: TRL appends EOS to every completion, also after a step that does "
+                  "not end the answer (`chosen_is_terminal` / `rejected_is_terminal` false), which teaches the "
+                  "policy to stop there; prefpipe's trainer adds none. To avoid it, drop that EOS after TRL "
+                  "tokenizes (TRL 1.16):", "", "```python", STEP_EOS_FIX, "```"]
+    if "messages" in formats:
+        lines.append("- `messages` configs (SFT: chain-of-thought rows, corrected and gold solutions): "
+                     "`SFTTrainer(model, train_dataset=load_dataset(path, name=...)[\"train\"])`.")
+    return lines + [""]
+
+
+def _agreement_section(configs: list[ConfigExport]) -> list[str]:
+    rows = [(c, a) for c in configs if (a := c.stats.get("verifier_agreement"))]
+    if not rows:
+        return []
+    lines = ["## Verifier agreement", "",
+             "Pairs whose chosen and rejected sides a verifier judged (the stage recorded `chosen_correct` / "
+             "`rejected_correct`): the label agrees with the verifier when the chosen side is right and the "
+             "rejected side wrong.", "",
+             "| config | verified pairs | agree | inverted | both right | both wrong |", "|---|---|---|---|---|---|"]
+    for c, a in rows:
+        n = a["verified"]
+        lines.append(f"| `{c.name}` | {n} | " + " | ".join(f"{a[k]} ({_pct(a[k], n)})" for k in
+                                                           ("agree", "inverted", "both_right", "both_wrong")) + " |")
+    return lines + [""]
+
+
 def _configs_section(configs: list[ConfigExport], test_fraction: float, seed: int) -> list[str]:
-    lines = ["## Configs", "", "| config | stage | output | kind | " + " | ".join(["train", "test"]) + " |",
-             "|---|---|---|---|---|---|"]
+    lines = ["## Configs", "", "| config | stage | output | kind | format | train | test |",
+             "|---|---|---|---|---|---|---|"]
     for c in configs:
-        lines.append(f"| `{c.name}` | {c.stage} | {c.output} | {c.kind} | {c.splits.get('train', 0)} | "
+        lines.append(f"| `{c.name}` | {c.stage} | {c.output} | {c.kind} | {c.format} | {c.splits.get('train', 0)} | "
                      f"{c.splits.get('test', '-') if 'test' in c.splits else '-'} |")
     lines.append("")
     empty = [f"`{c.name}` {s}" for c in configs for s, n in c.splits.items() if n == 0]
     if empty:
         lines += [f"Empty splits, not declared above (a zero-row file cannot be loaded): {', '.join(empty)}.", ""]
     if test_fraction > 0:
-        lines += [f"The `test` split holds about {test_fraction:.0%} of the prompts (seed {seed}), chosen by a "
-                  "hash of `prompt_id`, so all rows of one prompt sit in the same split.", ""]
+        lines += [f"The `test` split holds {test_fraction:.0%} of the distinct prompts of all configs (rounded to "
+                  f"a whole prompt; seed {seed}), the first in a seeded hash order of `prompt_id`, so all rows of "
+                  "one prompt sit in the same split in every config.", ""]
     return lines
 
 
@@ -275,7 +379,8 @@ def _stats_section(configs: list[ConfigExport]) -> list[str]:
              "Over the exported rows (all splits). `ties` are pairs with `score_margin == 0`.", "",
              "| config | field | count | mean | median | min | max | ties |", "|---|---|---|---|---|---|---|---|"]
     for c in configs:
-        fields = (("score_margin", "label_confidence") if c.kind == "pairs" else ("list_size", "score_spread"))
+        fields = {"pairs": ("score_margin", "label_confidence"), "lists": ("list_size", "score_spread"),
+                  "sft": ("answer_chars",)}[c.kind]
         for name in fields:
             d = c.stats.get(name)
             if not d:
@@ -297,7 +402,7 @@ def _models_section(configs: list[ConfigExport], stages: list[StageInfo]) -> lis
             types = ", ".join(f"`{m}` ({n})" for m, n in c.stats.get("pair_types", {}).items())
             lines.append(f"- `{c.name}`: generator models {gen}; judge models {judge}; methods {methods}"
                          + (f"; pair types {types}." if types else "."))
-        else:
+        elif c.kind == "lists":
             lines.append(f"- `{c.name}`: methods {methods}.")
     for st in stages:
         mid, wh = st.fingerprint_inputs.get("model_id"), st.fingerprint_inputs.get("weights_hash")
@@ -346,6 +451,13 @@ def default_limitations(configs: list[ConfigExport], stages: list[StageInfo], ta
         out.append(f"Rows that failed or were filtered were left out ({detail}), so the exported rows are not a "
                    "random sample of the prompts: prompts where generation or verification failed are missing.")
     for c in configs:
+        a = c.stats.get("verifier_agreement")
+        if a:
+            out.append(f"`{c.name}`: the labels agree with the verifier on {_pct(a['agree'], a['verified'])} of the "
+                       f"{a['verified']} verified pairs (chosen right, rejected wrong); {a['both_right']} both right, "
+                       f"{a['both_wrong']} both wrong, {a['inverted']} inverted.")
+        if c.format == "step":
+            out.append(f"`{c.name}`: step pairs; TRL appends EOS after each step (see Training with TRL).")
         m = c.stats.get("score_margin")
         if m and m.get("ties"):
             out.append(f"`{c.name}`: {m['ties']} of {m['count']} pairs ({_pct(m['ties'], m['count'])}) have a zero "

@@ -12,9 +12,10 @@ import typer
 def _rerun_hint(run_dir: Path, out: Path, repo: str, private: bool, token_env: str) -> str:
     """The command to run again after a failed push: the user's own command line when we have it (the export
     is deterministic, so rebuilding gives the same files and the Hub skips what it already holds)."""
+    # The rerun finds this export at --out, so it needs --overwrite.
     if Path(sys.argv[0]).name == "prefpipe":
-        return shlex.join(["prefpipe", *sys.argv[1:]])
-    parts = ["prefpipe", "export", str(run_dir), "--out", str(out), "--repo", repo]
+        return shlex.join(["prefpipe", *sys.argv[1:], *([] if "--overwrite" in sys.argv else ["--overwrite"])])
+    parts = ["prefpipe", "export", str(run_dir), "--out", str(out), "--repo", repo, "--overwrite"]
     if private:
         parts.append("--private")
     if token_env != "HF_TOKEN":
@@ -26,8 +27,15 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
         run_dir: Path = typer.Argument(..., help="Run directory (one folder per stage)."),
-        out: Path = typer.Option(..., "--out", "-o", help="Export folder (created; an earlier export there is "
-                                                          "replaced)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Export folder (created; a non-empty one needs "
+                                                          "--overwrite)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export at --out: only the "
+                                                                  "files its listing names are removed."),
+        format: str = typer.Option("auto", "--format", help="conversational | standard | auto (conversational "
+                                                            "when the generator has a chat template)."),
+        tokenizer: Optional[str] = typer.Option(None, help="Model whose chat template renders prompts (default: "
+                                                           "the generator the stages recorded)."),
+        sft: bool = typer.Option(True, "--sft/--no-sft", help="Also export the SFT configs."),
         repo: Optional[str] = typer.Option(None, help="Also push to this Hub dataset repo (USER/NAME)."),
         private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
         token_env: str = typer.Option("HF_TOKEN", help="Environment variable holding the Hub token (else the "
@@ -52,7 +60,8 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
         from pipeline.errors import InputError
 
         try:
-            cfg = ExportConfig(test_fraction=test_fraction, seed=seed, rows_per_file=rows_per_file,
+            cfg = ExportConfig(format=format, tokenizer=tokenizer, overwrite=overwrite, sft=sft,
+                               test_fraction=test_fraction, seed=seed, rows_per_file=rows_per_file,
                                stages=stage or None, default_config=default_config, license=license,
                                pretty_name=pretty_name, extra_limitations=limitation or [],
                                allow_incomplete=allow_incomplete)

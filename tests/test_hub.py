@@ -99,6 +99,36 @@ def _ok_rows(run_dir: Path, stage: str, output: str = "main") -> list[dict]:
     return export_table(RunStore(run_dir).stage(stage).read(output)).to_pylist()
 
 
+PAIR_COLUMNS = ("shared_prefix", "pair_id", "prompt_id", "stage", "method", "pair_type", "generator_model",
+                "judge_model", "chosen_score", "rejected_score", "score_margin", "label_confidence",
+                "chosen_correct", "rejected_correct", "iteration")
+
+
+def _expected(run_dir: Path, stage: str, output: str = "main") -> list[dict]:
+    """The export rows of a stage output whose generator has no chat template (standard format): the prompt
+    text, the responses, provenance and the prompt's conversation; no row_key/status/error/extra/created_at."""
+    out = []
+    for r in _ok_rows(run_dir, stage, output):
+        conv = json.dumps([{"role": "user", "content": r["prompt"]}])
+        if output == "lists":
+            out.append({"prompt": r["prompt"], "responses": r["responses"], "scores": r["scores"],
+                        "steps": r["steps"], "prompt_id": r["prompt_id"], "method": r["method"],
+                        "prompt_messages": conv})
+            continue
+        row = {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        row |= {c: r[c] for c in PAIR_COLUMNS if c in r}
+        out.append(row | {"prompt_messages": conv})
+    return out
+
+
+def _load(folder: Path, name: str | None = None):
+    """`load_dataset` with a cache of the folder's own (the shared cache is keyed by file metadata, which two
+    exports written in the same second can share)."""
+    import datasets
+
+    return datasets.load_dataset(str(folder), name=name, cache_dir=str(folder.parent / f".ds-{folder.name}"))
+
+
 def _as_rows(ds) -> list[dict]:
     return ds.with_format("arrow")[:].to_pylist()
 
@@ -110,7 +140,7 @@ def _front_matter(card: str) -> dict:
 # ---- the export folder ---------------------------------------------------------------------------------------
 def test_folder_layout_and_counts(run_dir, export):
     files = sorted(str(p.relative_to(export.folder)) for p in export.folder.rglob("*") if p.is_file())
-    assert files == ["README.md", "data/toy-pairs/train-00000-of-00001.parquet",
+    assert files == [".prefpipe-export.json", "README.md", "data/toy-pairs/train-00000-of-00001.parquet",
                      "data/tree-search-lists/train-00000-of-00001.parquet",
                      "data/tree-search/train-00000-of-00001.parquet"]
     by_name = {c.name: c for c in export.configs}
@@ -124,56 +154,71 @@ def test_folder_layout_and_counts(run_dir, export):
     assert by_name["tree-search-lists"].splits == {"train": N - 3}
     assert by_name["toy-pairs"].status == {"ok": 7, "failed": 3}  # p-0, p-4, p-8 fail with fail_every=4
     table = pq.read_table(export.folder / "data/tree-search/train-00000-of-00001.parquet")
-    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert not {"row_key", "status", "error", "extra", "created_at"} & set(table.column_names)  # store internals
     assert table.schema.field("stage").type == pa.string()  # dictionaries become plain strings
+    # The generator ("gen-a") is no local model, so no chat template is known: standard format, plain prompts.
+    assert {c.name: c.format for c in export.configs} == {"tree-search": "standard", "toy-pairs": "standard",
+                                                          "tree-search-lists": "standard"}
+    listing = json.loads((export.folder / ".prefpipe-export.json").read_text())
+    assert listing["files"] == [f for f in files if f != ".prefpipe-export.json"]
+    assert listing["configs"]["tree-search"] == {"default": True, "format": "standard", "kind": "pairs",
+                                                 "output": "main", "stage": "tree-search"}
 
 
 def test_load_dataset_folder_round_trip(run_dir, export):
-    import datasets
-
-    default = datasets.load_dataset(str(export.folder))
+    default = _load(export.folder)
     assert list(default) == ["train"]
-    assert _as_rows(default["train"]) == _ok_rows(run_dir, "tree-search")  # 18 ok pairs beat toy-pairs' 7
+    assert _as_rows(default["train"]) == _expected(run_dir, "tree-search")  # 18 ok pairs beat toy-pairs' 7
     for name, stage, output in (("tree-search", "tree-search", "main"), ("tree-search-lists", "tree-search", "lists"),
                                 ("toy-pairs", "toy-pairs", "main")):
-        ds = datasets.load_dataset(str(export.folder), name=name)
-        assert _as_rows(ds["train"]) == _ok_rows(run_dir, stage, output), name
+        ds = _load(export.folder, name)
+        assert _as_rows(ds["train"]) == _expected(run_dir, stage, output), name
 
 
 def test_test_split_is_seeded_and_grouped_by_prompt(run_dir, tmp_path):
-    import datasets
-
     cfg = ExportConfig(test_fraction=0.3, seed=3, rows_per_file=4, stages=["tree-search"])
     res = export_run(run_dir, tmp_path / "a", cfg)
     pairs = next(c for c in res.configs if c.name == "tree-search")
+    lists = next(c for c in res.configs if c.name == "tree-search-lists")
+    # 20 distinct prompts have an ok row in some config (the lists' 20 cover the pairs' 18): round(0.3 x 20) = 6
+    # of them go to test, exactly, in every config alike.
+    assert lists.splits == {"train": 14, "test": 6}
     assert pairs.splits["train"] + pairs.splits["test"] == N - 5
-    assert 0 < pairs.splits["test"] < N - 5
     n_train_files = -(-pairs.splits["train"] // 4)
     assert pairs.files["train"] == [f"data/tree-search/train-{i:05d}-of-{n_train_files:05d}.parquet"
                                     for i in range(n_train_files)]
-    ds = datasets.load_dataset(str(tmp_path / "a"), name="tree-search")
+    ds = _load(tmp_path / "a", "tree-search")
     train, test = _as_rows(ds["train"]), _as_rows(ds["test"])
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
-    assert sorted(train + test, key=lambda r: r["pair_id"]) == sorted(_ok_rows(run_dir, "tree-search"),
+    assert sorted(train + test, key=lambda r: r["pair_id"]) == sorted(_expected(run_dir, "tree-search"),
                                                                        key=lambda r: r["pair_id"])
-    lists = next(c for c in res.configs if c.name == "tree-search-lists")
     list_test_ids = {pid for f in lists.files["test"]
                      for pid in pq.read_table(tmp_path / "a" / f).column("prompt_id").to_pylist()}
     pair_test_ids = {r["prompt_id"] for r in test}
-    assert pair_test_ids <= list_test_ids  # the same prompts go to test in every config
+    assert len(list_test_ids) == 6 and pair_test_ids <= list_test_ids  # the same prompts go to test everywhere
     again = export_run(run_dir, tmp_path / "b", cfg)
     assert next(c for c in again.configs if c.name == "tree-search").splits == pairs.splits
     other = export_run(run_dir, tmp_path / "c", cfg.model_copy(update={"seed": 4}))
     tiny = export_run(run_dir, tmp_path / "d", ExportConfig(test_fraction=0.001, stages=["tree-search"]))
     assert next(c for c in tiny.configs if c.name == "tree-search").splits == {"train": N - 5, "test": 0}
-    tiny_ds = datasets.load_dataset(str(tmp_path / "d"), name="tree-search")
+    tiny_ds = _load(tmp_path / "d", "tree-search")
     assert list(tiny_ds) == ["train"] and tiny_ds["train"].num_rows == N - 5  # the empty test split is left out
     assert not list((tmp_path / "d" / "data" / "tree-search").glob("test-*"))
     assert "Empty splits, not declared above (a zero-row file cannot be loaded): `tree-search` test" in \
         tiny.card_path.read_text()
-    other_files = next(c for c in other.configs if c.name == "tree-search").files["test"]
+    other_files = next(c for c in other.configs if c.name == "tree-search-lists").files["test"]
     other_test = {pid for f in other_files for pid in pq.read_table(tmp_path / "c" / f).column("prompt_id").to_pylist()}
-    assert other_test != pair_test_ids
+    assert len(other_test) == 6 and other_test != list_test_ids
+
+
+@pytest.mark.parametrize("n_prompts", [3, 10, 41])
+def test_test_split_holds_the_fraction_to_one_prompt(n_prompts):
+    from pipeline.hub import held_out_prompt_ids
+    ids = pa.array([f"p-{i}" for i in range(n_prompts) for _ in range(3)])  # 3 rows per prompt
+    for fraction in (0.1, 0.2, 0.5):
+        for seed in range(5):
+            held = held_out_prompt_ids(ids, fraction, seed).to_pylist()
+            assert abs(len(held) - fraction * n_prompts) <= 0.5 and len(set(held)) == len(held)
 
 
 def test_export_is_byte_identical_when_repeated(run_dir, export, tmp_path):
@@ -183,7 +228,9 @@ def test_export_is_byte_identical_when_repeated(run_dir, export, tmp_path):
         return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
     assert digest(again.folder) == digest(export.folder)
-    export_run(run_dir, again.folder)  # an earlier export at --out is replaced, not refused
+    with pytest.raises(InputError, match="pass --overwrite"):
+        export_run(run_dir, again.folder)
+    export_run(run_dir, again.folder, ExportConfig(overwrite=True))  # an earlier export is replaced
     assert digest(again.folder) == digest(export.folder)
 
 
@@ -279,10 +326,86 @@ def test_bad_inputs(tmp_path, run_dir):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not an earlier prefpipe export"):
+    with pytest.raises(InputError, match="holds no earlier export"):
         export_run(run_dir, foreign)
     assert (foreign / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_overwrite_removes_only_listed_files(run_dir, tmp_path):
+    """A cloned dataset repo (its .git, a file the user added) survives a re-export; only the files the earlier
+    export listed go, e.g. the stale shards of an export with more files."""
+    out = tmp_path / "clone"
+    export_run(run_dir, out, ExportConfig(rows_per_file=5, stages=["tree-search"]))
+    assert (out / "data/tree-search/train-00003-of-00004.parquet").exists()
+    (out / ".git" / "objects").mkdir(parents=True)
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "notes.md").write_text("mine")
+    (out / "data" / "tree-search" / "extra.parquet").write_bytes(b"not ours")
+    before = _digest(out)
+    with pytest.raises(InputError, match="pass --overwrite"):
+        export_run(run_dir, out, ExportConfig(stages=["tree-search"]))
+    assert _digest(out) == before  # refused before anything was written
+    res = export_run(run_dir, out, ExportConfig(stages=["tree-search"], overwrite=True))
+    after = _digest(out)
+    kept = {k: v for k, v in before.items() if k.startswith(".git/") or k in ("notes.md",
+                                                                              "data/tree-search/extra.parquet")}
+    assert {k: after[k] for k in kept} == kept
+    new_files = {"README.md", ".prefpipe-export.json", *(f for c in res.configs for p in c.files.values() for f in p)}
+    assert set(after) == set(kept) | new_files  # the four old shards are gone, nothing else
+    assert "data/tree-search/train-00003-of-00004.parquet" not in after
+
+
+def test_overwrite_refuses_folders_without_a_listing(run_dir, tmp_path):
+    """#28: a folder whose README carries the card marker but that prefpipe did not list is not deleted."""
+    out = tmp_path / "repo"
+    (out / ".git").mkdir(parents=True)
+    (out / "README.md").write_text("<!-- written by prefpipe export -->\nold card")
+    with pytest.raises(InputError, match="holds no earlier export"):
+        export_run(run_dir, out, ExportConfig(overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == [".git", "README.md"]
+    for bad in (["../outside.txt"], ["/etc/passwd"], [".git/HEAD"], "x"):
+        (out / ".prefpipe-export.json").write_text(json.dumps({"files": bad, "configs": {}}))
+        with pytest.raises(InputError) as err:
+            export_run(run_dir, out, ExportConfig(overwrite=True))
+        assert ".prefpipe-export.json" in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == [".git", ".prefpipe-export.json", "README.md"]
+
+
+@pytest.mark.parametrize("where, value", [("output", "../../escaped"), ("shard", "/tmp/elsewhere.parquet"),
+                                          ("shard", "../../../x.parquet")])
+def test_manifest_paths_that_escape_are_refused(run_dir, tmp_path, where, value):
+    import shutil
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("toy-pairs"))
+    mpath = d / "tree-search" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    if where == "output":
+        m["outputs"][value] = m["outputs"].pop("lists")
+        for shard in m["shards"].values():
+            shard["files"][value] = shard["files"].pop("lists")
+            shard["rows"][value] = shard["rows"].pop("lists")
+        m["summary"]["status"][value] = m["summary"]["status"].pop("lists")
+    else:
+        m["shards"]["0"]["files"]["main"] = value
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(InputError, match=re.escape(repr(value))) as err:  # the store or the export refuses it
+        export_run(d, tmp_path / "out")
+    assert "tree-search/manifest.json" in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing written
+
+
+def test_export_path_checks(tmp_path):
+    from pipeline.hub_out import check_name, inside
+    assert check_name("lists", "output name") == "lists"
+    for bad in ("..", "../x", "a/b", ".hidden", "", "/abs"):
+        with pytest.raises(InputError, match="is not a plain name"):
+            check_name(bad, "output name", file="m.json")
+    assert inside(tmp_path, Path("part-00000.parquet"), "shard path") == tmp_path / "part-00000.parquet"
+    with pytest.raises(InputError, match="is an absolute path"):
+        inside(tmp_path, Path("/etc/passwd"), "shard path")
+    with pytest.raises(InputError, match="escapes"):
+        inside(tmp_path, Path("a/../../x"), "shard path")
 
 
 def test_incomplete_stage_needs_flag(tmp_path, run_dir):
@@ -307,6 +430,26 @@ def test_default_config_option(run_dir, tmp_path):
     with pytest.raises(InputError, match=r"default config 'nope' is not one of the exported configs"):
         export_run(run_dir, tmp_path / "p", ExportConfig(default_config="nope"))
     assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))  # the temp build is removed
+
+
+def test_flow_export_defaults_to_the_treatment_arms_pairs(run_dir, tmp_path):
+    """A run config's export: the default config is the first treatment arm's data (toy-pairs, though
+    tree-search has more rows); a rerun of the step replaces the flow's own export."""
+    import shutil
+
+    from flows.config import RunConfig
+    from flows.steps import export_step
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    cfg = RunConfig(output_dir=str(d), inputs={"task": {}}, stages=[
+        {"id": "tree-search", "stage": "tree-search"}, {"id": "toy-pairs", "stage": "toy-pairs"}],
+        train=[{"name": "base-arm", "data": "tree-search", "role": "baseline"}, {"name": "t", "data": "toy-pairs"}],
+        export={"test_fraction": 0.5})
+    for _ in range(2):
+        folder = export_step(cfg)
+        meta = _front_matter((folder / "README.md").read_text())
+        assert [c["config_name"] for c in meta["configs"] if c.get("default")] == ["toy-pairs"]
+    assert _load(folder)["train"].num_rows + _load(folder)["test"].num_rows == 7
 
 
 def test_cli_option_errors_are_input_errors(tmp_path, run_dir):
@@ -367,7 +510,7 @@ def test_repush_replaces_stale_data_files(run_dir, tmp_path, online):
     with FakeHub(TOKEN) as hub:
         push_export(small.folder, "me/prefs", token=TOKEN, endpoint=hub.url)
         assert "data/tree-search/train-00003-of-00004.parquet" in hub.files("me/prefs")
-        big = export_run(run_dir, tmp_path / "e", ExportConfig(stages=["tree-search"]))
+        big = export_run(run_dir, tmp_path / "e", ExportConfig(stages=["tree-search"], overwrite=True))
         push_export(big.folder, "me/prefs", token=TOKEN, endpoint=hub.url)
         remote = hub.files("me/prefs")
         with pytest.raises(InputError, match="me/prefs already exists and is public"):
@@ -418,10 +561,10 @@ def test_push_then_load_dataset_from_repo(run_dir, tmp_path):
         failed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         assert failed.returncode == 2, failed.stderr[-3000:]
         assert "is intact; rerun `prefpipe export " + str(run_dir) + " --out " + str(out) + " --repo me/prefs " \
-               "--private --token-env MY_HUB_TOKEN --test-fraction 0.25`" in " ".join(failed.stderr.split())
+               "--private --token-env MY_HUB_TOKEN --test-fraction 0.25 --overwrite`" in " ".join(failed.stderr.split())
         assert (out / "README.md").exists()
         hub.state.fail_commits = False
-        push = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        push = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         assert push.returncode == 0, push.stderr[-3000:]
         assert "pushed to me/prefs" in push.stdout
         assert sorted(hub.files("me/prefs")) == sorted([".gitattributes"] + [
@@ -443,11 +586,11 @@ def test_push_then_load_dataset_from_repo(run_dir, tmp_path):
                               cwd=ROOT, env=env, timeout=300)
         assert load.returncode == 0, load.stderr[-3000:]
     for name, output in (("tree-search", "main"), ("tree-search-lists", "lists")):
-        local = sorted(_ok_rows(run_dir, "tree-search", output), key=lambda r: r["row_key"])
+        local = sorted(_expected(run_dir, "tree-search", output), key=lambda r: r["prompt_id"])
         remote = []
         for split in ("train", "test"):
             remote += pq.read_table(loader / f"{name}-{split}.parquet").to_pylist()
-        assert sorted(remote, key=lambda r: r["row_key"]) == local, name
+        assert sorted(remote, key=lambda r: r["prompt_id"]) == local, name
     # The token is in no output, no log line, no exported or cached file.
     for text in (failed.stdout, failed.stderr, push.stdout, push.stderr, load.stdout, load.stderr):
         assert TOKEN not in text

@@ -62,7 +62,11 @@ class TokenizeConfig(BaseModel):
 # ---------------------------------------------------------------------------------------------------- reading
 
 def read_table(path: str | Path) -> pa.Table:
-    """A parquet file, a folder of parquet shards (a store stage folder), or a JSONL file."""
+    """A parquet file, a folder of parquet shards (a store stage folder), a JSONL file, or an export folder of
+    `prefpipe export` (`FOLDER[@CONFIG]`, read back as store rows: from_export.py)."""
+    from pipeline.train.from_export import export_target, read_export
+    if (target := export_target(path)) is not None:
+        return read_export(*target)
     p, output = Path(path), "main"
     if not p.exists() and "@" in p.name:  # runs/<run>/<stage>@lists reads that stage's `lists` output
         p, output = p.parent / p.name.split("@")[0], p.name.split("@")[1]
