@@ -40,6 +40,7 @@ class TinyModelConfig(BaseModel):
     max_position_embeddings: int = Field(1024, description="longest sequence (RoPE, so no parameters)")
     rope_theta: float = Field(10000.0, description="RoPE base")
     tie_word_embeddings: bool = Field(True, description="share input and output embeddings (saves vocab*width)")
+    initializer_range: float = Field(0.02, gt=0, description="std of the random init (the tiny policy: 0.02)")
 
 
 def build_tokenizer():
@@ -73,20 +74,28 @@ def save_tokenizer(tokenizer, folder) -> None:
     cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
-def build_model(config: TinyModelConfig | None = None, tokenizer=None, seed: int = 0):
-    """A freshly initialised LlamaForCausalLM sized by `config`, vocabulary and special ids from the tokenizer."""
+def build_model(config: TinyModelConfig | None = None, tokenizer=None, seed: int = 0, *,
+                vocab: dict | None = None):
+    """A freshly initialised fp32 LlamaForCausalLM sized by `config`: the one builder of the project's tiny
+    models (the tiny policy, pipeline/train/tiny.py's test models, the backends' fixture folders).
+
+    Vocabulary size and special ids come from the tokenizer, or from `vocab` (vocab_size, bos_token_id,
+    eos_token_id, pad_token_id) for a model built without one. The pad id matters: its embedding row starts at 0.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = config or TinyModelConfig()
-    tok = tokenizer or build_tokenizer()
+    if vocab is None:
+        tok = tokenizer or build_tokenizer()
+        vocab = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                 "pad_token_id": tok.pad_token_id}
     lc = LlamaConfig(
-        vocab_size=len(tok), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        **vocab, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
         rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
+        initializer_range=config.initializer_range, attn_implementation="sdpa", dtype="float32",
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(lc)

@@ -41,18 +41,16 @@ def build_tiny_llama(folder: str | Path, seed: int = 0, *, hidden: int = 128, la
     A larger init std than the usual 0.02 gives peaked next-token distributions, so greedy choices are not
     decided by float rounding.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
+
+    from pipeline.tiny_model import TinyModelConfig, build_model
 
     folder = Path(folder)
     tok = build_char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=1024, initializer_range=init_std, tie_word_embeddings=False,
-                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      dtype="float32")
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    config = TinyModelConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                             num_attention_heads=heads, max_position_embeddings=1024, tie_word_embeddings=False,
+                             initializer_range=init_std)
+    model = build_model(config, tok, seed)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)

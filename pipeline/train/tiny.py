@@ -11,6 +11,8 @@ import string
 
 import torch
 
+from pipeline.tiny_model import TinyModelConfig, build_model
+
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHARS = list(string.digits + string.ascii_letters + string.punctuation + " \n")
 
@@ -44,15 +46,13 @@ def char_tokenizer(template_bos: bool = True, chat_template: str | None = None):
 
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0,
                tie_word_embeddings: bool = False, max_positions: int = 512, head_scale: float = 20.0):
-    """A randomly initialised LlamaForCausalLM in fp32 (a few tens of thousands of parameters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
-                      bos_token_id=2, eos_token_id=3, pad_token_id=0, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float()
+    """A randomly initialised LlamaForCausalLM in fp32 (a few tens of thousands of parameters), special ids
+    those of `char_tokenizer`."""
+    config = TinyModelConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, max_position_embeddings=max_positions,
+                             tie_word_embeddings=tie_word_embeddings)
+    model = build_model(config, seed=seed, vocab={"vocab_size": vocab_size, "bos_token_id": 2, "eos_token_id": 3,
+                                                  "pad_token_id": 0})
     # Random init gives near-uniform logits; a larger head scale makes log-probs differ between texts, so
     # tests that compare paths are not comparing near-constants.
     with torch.no_grad():
