@@ -57,7 +57,7 @@ def _assert_refused(code: int, err: str, file: Path, key: str, text: str = "") -
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert lines and lines[0].startswith("error: ") and len(lines) == 1, err  # one line, no traceback before it
-    assert f"file {file}" in lines[0] and f"column '{key}'" in lines[0], err
+    assert f"file {file}" in lines[0] and (key is None or f"column '{key}'" in lines[0]), err
     assert text in lines[0], err
 
 
@@ -229,6 +229,10 @@ TRAIN_CASES = {
     "tpo-range-empty": ("model: m\ndata: d\nlist_loss: {loss_type: tpo, tpo_label_range: [1, 1]}\n", [],
                         "list_loss", "must run from low to high"),
     "seed-negative": ("model: m\ndata: d\n", ["--seed", "-1"], "seed", "greater than or equal to 0"),
+    "ld-on-reference": ("model: m\ndata: d\nloss: {ld_on_reference: false}\n", [], "loss",
+                        "ld_on_reference=False is not supported"),
+    "pair-filter-lists": ("model: m\ndata: d\ndata_kind: lists\npair_filter: hard\n", [], None,
+                          "pair_filter applies to preference pairs"),
     "tokenize-unknown": ("model: m\ndata: d\ntokenize: {max_lenght: 8}\n", [], "tokenize.max_lenght", "Extra"),
 }
 

@@ -21,6 +21,7 @@ UNFED_LOSS_SETTINGS = {
     "use_weighting": (False, "WPO needs each completion's squared-probability mass, which the trainer does not "
                       "compute"),
     "wpo_clamp": (False, "it only acts with use_weighting (WPO), which the trainer does not support"),
+    "ld_on_reference": (True, "it only acts with ld_alpha (LD-DPO), which the trainer does not support"),
 }
 
 
@@ -135,8 +136,8 @@ class TrainConfig(BaseModel):
             raise ValueError("mode sft trains on pairs' chosen side or a completion column, not ranked lists")
         if self.sft_column is not None and self.mode != "sft":
             raise ValueError("sft_column applies to mode sft only")
-        if self.pair_filter != "none" and self.mode == "sft":
-            raise ValueError("pair_filter applies to preference pairs, not mode sft")
+        if self.pair_filter != "none" and (self.mode == "sft" or self.data_kind == "lists"):
+            raise ValueError("pair_filter applies to preference pairs, not mode sft or ranked lists")
         if self.share_prompt and self.attn_implementation == "flash_attention_2":
             raise ValueError("share_prompt needs a block attention mask, which flash_attention_2 cannot take: "
                              "use sdpa or eager")
