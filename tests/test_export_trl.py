@@ -232,12 +232,17 @@ def test_sft_trainer_on_gold_config(run, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # One batch holds all N rows, so step 2 sees the rows step 1 just fitted: its loss must be lower.
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
-    # prefpipe's SFT mode reads the same config: the assistant turn is the completion.
-    from pipeline.train.from_export import read_export
-    table = read_export(run["export"].folder, "gold-sft")
-    gold = pq.read_table(run["run_dir"] / "inputs" / "prompts.parquet")
-    assert dict(zip(table["prompt_id"].to_pylist(), table["completion"].to_pylist())) == \
-        dict(zip(gold["prompt_id"].to_pylist(), gold["gold"].to_pylist()))
+    # prefpipe's SFT mode reads the same config: the assistant turn is the completion, + EOS.
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import Trainer
+    ours = Trainer(TrainConfig(model=TINY, data=f"{run['export'].folder}@gold-sft", mode="sft", device="cpu",
+                               output_dir=str(tmp_path / "ours"), progress=False))
+    gold = dict(zip(*pq.read_table(run["run_dir"] / "inputs" / "prompts.parquet",
+                                   columns=["prompt_id", "gold"]).to_pydict().values()))
+    tok = trainer.processing_class
+    ids = ours.table["prompt_id"].to_pylist()
+    assert {ids[r]: ours.data.completions[i][0] for i, r in enumerate(ours.data.rows)} == {
+        pid: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for pid, text in gold.items()}
 
 
 def test_load_dataset_every_config_round_trips(run):
@@ -274,3 +279,16 @@ def test_standard_format_and_bos_adding_tokenizer(run, tmp_path):
                             "\n<|assistant|>\n"
     ids = AutoTokenizer.from_pretrained(folder)(row["prompt"])["input_ids"]
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_card_says_formats_agreement_and_the_step_difference(run):
+    card = run["export"].card_path.read_text()
+    assert "| `labelled` | labelled | main | pairs | conversational | 8 | - |" in card
+    assert "| `labelled-steps` | labelled | main | pairs | step | 8 | - |" in card
+    assert "| `gold-sft` | inputs | gold | sft | messages | 8 | - |" in card
+    # Terminal pairs: chosen always right, rejected right for problems 0, 3, 6 -> 5 agree, 3 both right.
+    assert "| `labelled` | 8 | 5 (62.5 %) | 0 (0.0 %) | 3 (37.5 %) | 0 (0.0 %) |" in card
+    assert ("`labelled`: the labels agree with the verifier on 62.5 % of the 8 verified pairs (chosen right, "
+            "rejected wrong); 3 both right, 0 both wrong, 0 inverted.") in card.split("## Limitations")[1]
+    assert "TRL appends EOS to every completion, also after a step that does not end the answer" in card
+    assert STEP_EOS_FIX in card
