@@ -76,6 +76,8 @@ class StageStep(_Strict):
                                              "`id@output` for another output")
     config: dict[str, Any] = Field(default_factory=dict, description="the stage's config fields (checked at load)")
     shard_size: int = Field(32, ge=1, description="input rows per shard (the unit of resume)")
+    limit: int | None = Field(None, ge=1, description="take only the first N rows of the input (e.g. a baseline "
+                                                       "that needs fewer prompts than the run has)")
     fail_threshold: FiniteFloat = Field(0.01, ge=0, le=1, description="fail above this share of failed rows")
     model: str | None = Field(None, description="override the run's model for this stage; `@ARM` = that "
                                                 "training arm's final model (needs phase post_train)")
@@ -135,6 +137,9 @@ class RunConfig(_Strict):
     backend: Backend = Field("transformers", description="model backend of every stage (a step may override it)")
     base_url: str | None = Field(None, description="server URL for backend http")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for every step")
+    workers: int = Field(1, ge=1, description="processes that compute stage shards, training arms and evals side "
+                         "by side, each with `threads` threads (default 1); steps start as soon as their inputs "
+                         "are done. For CPU runs of a small model: workers x threads = the machine's cores")
     inputs: Inputs = Field(..., description="the prompts the first stages read")
     stages: list[StageStep] = Field(default_factory=list, description="stages, run in order")
     train: list[TrainArm] = Field(default_factory=list, description="training arms, run after the generate-phase "

@@ -6,12 +6,14 @@ the same order without Prefect (the CLI's `--no-prefect`, and bench/flow's basel
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import steps
+from flows import parallel, steps
 from flows.config import load_run_config
 from schemas.errors import BackendError
 
@@ -44,14 +46,20 @@ def stage_task(config_path: str, stage_id: str) -> str:
 
 @task(name="train", task_run_name="train-{arm}", **_TASK)
 def train_task(config_path: str, arm: str) -> str:
-    cfg, _ = load_run_config(config_path)
-    return str(steps.train_step(cfg, arm))
+    return _heavy("train_step", config_path, arm)
 
 
 @task(name="eval", retries=1, retry_condition_fn=_retry_backend_errors, task_run_name="eval-{label}", **_TASK)
 def eval_task(config_path: str, model: str, label: str) -> str:
+    return _heavy("eval_step", config_path, model, label)
+
+
+def _heavy(step: str, config_path: str, *args) -> str:
+    """A training arm or an eval: in this process, or with `workers` > 1 in one of the run's pool processes."""
     cfg, _ = load_run_config(config_path)
-    return str(steps.eval_step(cfg, model, label))
+    if cfg.workers > 1:
+        return parallel.in_worker(cfg, step, config_path, *args)
+    return str(getattr(steps, step)(cfg, *args))
 
 
 @task(name="report", **_TASK)
@@ -77,50 +85,59 @@ def _artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", f"prefpipe-report-{name}".lower())
 
 
-@flow(name="prefpipe", log_prints=True)
+def _call(cfg, key: str) -> tuple:
+    """The step function and its arguments after the config path, for a key of `parallel.plan`."""
+    kind, _, name = key.partition(":")
+    if kind == "eval":
+        return "eval", (dict(steps.model_labels(cfg))[name], name)
+    return kind, ((name,) if name else ())
+
+
+@flow(name="prefpipe", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
 def prefpipe_flow(config_path: str) -> dict:
-    """Run a prefpipe run config: inputs → baseline eval → stages → training arms → evals → report → export."""
+    """Run a prefpipe run config: inputs → baseline eval → stages → training arms → evals → report → export.
+    With `workers` > 1 every step is submitted once the steps it reads are done (flows/parallel.py)."""
     cfg, _ = load_run_config(config_path)
-    out = {"inputs": inputs_task(config_path)}
-    if cfg.eval:
-        out["eval:base"] = eval_task(config_path, cfg.model, "base")
-    for s in cfg.stages:
-        if s.phase == "generate":
-            out[f"stage:{s.folder}"] = stage_task(config_path, s.folder)
-    for arm in cfg.train:
-        out[f"train:{arm.name}"] = train_task(config_path, arm.name)
-    for s in cfg.stages:
-        if s.phase == "post_train":
-            out[f"stage:{s.folder}"] = stage_task(config_path, s.folder)
-    if cfg.eval:
-        for label, model in steps.model_labels(cfg)[1:]:
-            out[f"eval:{label}"] = eval_task(config_path, model, label)
-    if cfg.report:
-        out["report"] = report_task(config_path)
-    if cfg.export:
-        out["export"] = export_task(config_path)
+    tasks = {"inputs": inputs_task, "eval": eval_task, "stage": stage_task, "train": train_task,
+             "report": report_task, "export": export_task}
+    out, futures = {}, {}
+    try:
+        for key, deps in parallel.plan(cfg):
+            kind, args = _call(cfg, key)
+            if cfg.workers > 1:
+                futures[key] = tasks[kind].submit(config_path, *args, wait_for=[futures[d] for d in deps])
+            else:
+                out[key] = tasks[kind](config_path, *args)
+        out.update({k: f.result() for k, f in futures.items()})
+    finally:
+        parallel.shutdown()
     return out
 
 
 def run_local(config_path: str) -> dict:
-    """The same steps in the same order, without Prefect."""
+    """The same steps in the same order (with `workers` > 1: the same dependencies), without Prefect."""
     cfg, base = load_run_config(config_path)
-    out = {"inputs": str(steps.prepare_inputs(cfg, base))}
-    if cfg.eval:
-        out["eval:base"] = str(steps.eval_step(cfg, cfg.model, "base"))
-    for phase in ("generate", "post_train"):
-        if phase == "post_train":
-            for arm in cfg.train:
-                out[f"train:{arm.name}"] = str(steps.train_step(cfg, arm.name))
-        for s in cfg.stages:
-            if s.phase == phase:
-                out[f"stage:{s.folder}"] = str(steps.run_stage_step(cfg, s.folder,
-                                                                    progress=not steps.no_progress()))
-    if cfg.eval:
-        for label, model in steps.model_labels(cfg)[1:]:
-            out[f"eval:{label}"] = str(steps.eval_step(cfg, model, label))
-    if cfg.report:
-        out["report"] = str(steps.report_step(cfg, Path(config_path)))
-    if cfg.export:
-        out["export"] = str(steps.export_step(cfg))
-    return out
+    run = {"inputs": lambda: str(steps.prepare_inputs(cfg, base)),
+           "stage": lambda name: str(steps.run_stage_step(cfg, name, progress=not steps.no_progress())),
+           "train": lambda arm: _heavy("train_step", config_path, arm),
+           "eval": lambda model, label: _heavy("eval_step", config_path, model, label),
+           "report": lambda: str(steps.report_step(cfg, Path(config_path))),
+           "export": lambda: str(steps.export_step(cfg))}
+    plan = parallel.plan(cfg)
+    try:
+        if cfg.workers == 1:
+            return {key: run[kind](*args) for key, (kind, args) in ((k, _call(cfg, k)) for k, _ in plan)}
+        futures: dict = {}
+        with ThreadPoolExecutor(len(plan)) as ex:
+            for key, deps in plan:
+                kind, args = _call(cfg, key)
+                futures[key] = ex.submit(_after, [futures[d] for d in deps], run[kind], *args)
+            return {k: f.result() for k, f in futures.items()}
+    finally:
+        parallel.shutdown()
+
+
+def _after(deps: list, fn, *args):
+    for d in deps:
+        d.result()  # re-raises a failed dependency's error instead of running on its missing output
+    return fn(*args)

@@ -103,9 +103,16 @@ def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> P
             model = str(run_dir(cfg) / "train" / model[1:] / "final")
         backend = backend_for(step.backend or cfg.backend, model, cfg.base_url)
     rows, source = stage_input(cfg, step.input)
+    if step.limit:
+        rows = rows.slice(0, step.limit)
+    runner = None
+    if cfg.workers > 1 and (step.backend or cfg.backend) == "transformers":  # a server batches on its own
+        from flows.parallel import shard_runner
+
+        runner = shard_runner(cfg, (step.backend or cfg.backend, model, cfg.base_url) if backend else None)
     res = run_stage(spec, rows, stage_cfg, backend, RunStore(run_dir(cfg)), shard_size=step.shard_size,
                     fail_threshold=step.fail_threshold, input_file=source, progress=progress,
-                    folder=step.folder)
+                    folder=step.folder, runner=runner)
     return res.store.dir
 
 

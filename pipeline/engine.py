@@ -51,15 +51,51 @@ def _status_counts(table: pa.Table) -> dict[str, int]:
     return {v.as_py(): c.as_py() for v, c in zip(counts.field("values"), counts.field("counts"))}
 
 
+class _RichBar:
+    """A redrawn bar with elapsed time and ETA, on a terminal."""
+
+    def __init__(self, total: int, description: str):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+        self.prog.start()
+        self.task = self.prog.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        self.prog.advance(self.task, n)
+
+    skip = advance  # rich's ETA is a windowed rate: one jump at the start barely moves it
+
+    def stop(self) -> None:
+        self.prog.stop()
+
+
+class _LineBar:
+    """Off a terminal (a flow's log, a file) a redrawn bar shows nothing until the end: lines with an ETA."""
+
+    def __init__(self, total: int, description: str):
+        from pipeline.progress import ProgressLine
+
+        self.line = ProgressLine(f"stage {description}", total, "rows")
+
+    def advance(self, n: int) -> None:
+        self.line.update(n)
+
+    def skip(self, n: int) -> None:
+        self.line.skip(n)
+
+    def stop(self) -> None:
+        pass
+
+
 def _progress(total: int, description: str, enabled: bool):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    import sys
 
-    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=False)
-    prog.start()
-    return prog, prog.add_task(description, total=total)
+    return (_RichBar if sys.stderr.isatty() else _LineBar)(total, description)
 
 
 def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | None, store: RunStore, *,
@@ -98,7 +134,7 @@ def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | 
                 if done["input_digest"] != input_digest(ids[lo:hi]):
                     raise _input_changed(stage_store, None, None, shard=index)
                 if bar:
-                    bar[0].advance(bar[1], hi - lo)
+                    bar.skip(hi - lo)
                 continue
             ctx = StageContext(fingerprint=fp, shard_index=index, seed=derive_seed(cfg.seed, fp, index),
                                model_id=getattr(backend, "model_id", None))
@@ -115,13 +151,15 @@ def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | 
             stage_store.write_shard(manifest, index, tables, input_ids=ids[lo:hi],
                                     extra={"status": {n: _status_counts(t) for n, t in tables.items()}})
             if bar:
-                bar[0].advance(bar[1], hi - lo)
+                bar.advance(hi - lo)
             if on_shard is not None:
                 on_shard(index)
     finally:
         if bar:
-            bar[0].stop()
+            bar.stop()
     summary = summarize(stage_store, manifest)
+    if stage_store.recomputed:  # shards found missing or changed on resume: said, never silent
+        summary["recomputed_shards"] = dict(stage_store.recomputed)
     stage_store.finish(manifest, summary)
     main = summary["status"].get("main", {})
     total = sum(main.values())

@@ -400,8 +400,8 @@ class Trainer:
         result = TrainResult(steps=len(schedule), output_dir=out, ref_reused=self.ref_info.get("reused"),
                              ref_forwards=self.ref_info.get("forwards", 0))
         per_epoch = math.ceil(len(self.data) / (cfg.micro_batch * cfg.grad_accum))
-        bar = _progress(len(schedule), cfg.progress)
         start = self.resume(optimizer)  # 0, or the step of the checkpoint in cfg.resume_from
+        bar = _progress(f"train {out.name}", len(schedule) - start, cfg.progress and self.is_main)
         probe_before = self.probe_logps() if start == 0 else None  # a resumed run has no "before"
         with open(out / "metrics.jsonl", "a" if start else "w") if self.is_main else open(os.devnull, "w") \
                 as metrics_file:
@@ -418,12 +418,10 @@ class Trainer:
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.flush()
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('rewards/accuracies', 0):.2f}")
+                    bar.update(1, loss=m["loss"], **({"acc": m["rewards/accuracies"]}
+                                                      if "rewards/accuracies" in m else {}))
                 if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < len(schedule):
                     self.save(out / f"checkpoint-{i + 1}", self._state(i + 1, m), optimizer)
-        if bar is not None:
-            bar.close()
         drift = self.drift(probe_before, self.probe_logps() if probe_before is not None else None)
         result.drift = drift
         if cfg.save_final:
@@ -476,8 +474,9 @@ def _padded(per_group: list[list[float]]) -> np.ndarray:
     return out
 
 
-def _progress(total: int, enabled: bool):
+def _progress(label: str, total: int, enabled: bool):
+    """Lines with steps, loss and ETA (pipeline/progress.py): also readable when arms train side by side."""
     if not enabled or os.environ.get("PREFPIPE_NO_PROGRESS"):
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    from pipeline.progress import ProgressLine
+    return ProgressLine(label, total, "steps")

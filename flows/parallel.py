@@ -1,0 +1,119 @@
+"""Both cores: a run's heavy work in `workers` processes side by side (the run config's `workers`).
+
+The tiny policy is too small for torch's intra-op threads to pay off (two threads on one generation step are
+slower than one; bench/stage_threads.py), so a 2-core machine is used by two single-threaded processes instead.
+One pool per run: its processes load the model once each (`steps.backend_for` caches per process) and take
+  - stage shards: the engine's `runner` hook sends each pending shard to the pool and writes the results in
+    this process as they come back (the engine stays the only writer of the stage folder; shard seeds come from
+    the fingerprint and the index, so the rows equal a one-process run's);
+  - training arms and evals: a whole `steps.train_step` / `steps.eval_step` call each.
+The flow submits every step as soon as the steps it reads are done (`plan`), so a second arm trains while the
+first one's eval runs. Spawned, not forked: the flow process holds threads (Prefect) that a fork would copy
+mid-state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+
+from flows.config import RunConfig
+
+_LOCK = threading.Lock()
+_POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}
+
+
+def _init_worker(threads: int) -> None:
+    from pipeline.threads import set_threads
+
+    set_threads(threads)
+
+
+def pool(cfg: RunConfig) -> ProcessPoolExecutor:
+    """The process pool of this (workers, threads) shape, started on first use and kept for the process."""
+    key = (cfg.workers, cfg.threads or 1)
+    with _LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_init_worker, initargs=(key[1],))
+        return _POOLS[key]
+
+
+def shutdown() -> None:
+    with _LOCK:
+        for p in _POOLS.values():
+            p.shutdown(cancel_futures=True)
+        _POOLS.clear()
+
+
+def _run_shard(stage: str, stage_cfg, rows, ctx_fields: dict, backend: tuple | None):
+    from flows.steps import backend_for
+    from pipeline.stage import StageContext, get_stage
+    from stages.catalog import load_stage_modules
+
+    load_stage_modules()
+    return get_stage(stage).run(rows, stage_cfg, backend_for(*backend) if backend else None,
+                                StageContext(**ctx_fields))
+
+
+def _picklable_ctx(ctx) -> dict:
+    # the context's progress callback is a closure of this process; the worker's shard reports none
+    return {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name != "progress"}
+
+
+def shard_runner(cfg: RunConfig, backend: tuple | None):
+    """The engine's `runner`: every pending shard to the pool, (index, outputs) yielded as each one finishes.
+    `backend` is backend_for's (kind, model, base_url), built once per worker process."""
+    def run(spec, stage_cfg, work):
+        futures: dict[Future, int] = {
+            pool(cfg).submit(_run_shard, spec.name, stage_cfg, rows, _picklable_ctx(ctx), backend): index
+            for index, rows, ctx in work}
+        try:
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+        finally:
+            for fut in futures:  # a failed shard stops the stage: drop the ones not started
+                fut.cancel()
+    return run
+
+
+def _call(step: str, config_path: str, *args):
+    from flows import steps
+    from flows.config import load_run_config
+
+    cfg, _ = load_run_config(config_path)
+    return str(getattr(steps, step)(cfg, *args))
+
+
+def in_worker(cfg: RunConfig, step: str, config_path: str, *args) -> str:
+    """Run `steps.<step>(cfg, *args)` in a pool process and wait for its result (a path)."""
+    return pool(cfg).submit(_call, step, config_path, *args).result()
+
+
+def plan(cfg: RunConfig) -> list[tuple[str, list[str]]]:
+    """Every step of the run as (key, keys it waits for), in the one-process order. Keys: inputs, eval:base,
+    stage:<id>, train:<arm>, eval:<arm>, report, export."""
+    def source(ref: str) -> str:
+        root = ref.split("@")[0]
+        return "inputs" if root == "inputs" else f"stage:{root}"
+
+    arms = [f"train:{a.name}" for a in cfg.train]
+    steps_: list[tuple[str, list[str]]] = [("inputs", [])]
+    if cfg.eval:
+        steps_.append(("eval:base", []))
+    for phase in ("generate", "post_train"):
+        if phase == "post_train":
+            steps_ += [(f"train:{a.name}", [source(a.data)]) for a in cfg.train]
+        for s in cfg.stages:
+            if s.phase == phase:
+                steps_.append((f"stage:{s.folder}", [source(s.input)] + (arms if phase == "post_train" else [])))
+    if cfg.eval:
+        steps_ += [(f"eval:{a.name}", [f"train:{a.name}"]) for a in cfg.train]
+    done = [k for k, _ in steps_]
+    if cfg.report:
+        steps_.append(("report", list(done)))
+        done.append("report")
+    if cfg.export:
+        steps_.append(("export", list(done)))
+    return steps_
