@@ -118,18 +118,23 @@ def test_sigkill_during_flow_then_rerun(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOY_SLEEP": "0.3",
            "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     cmd = [sys.executable, "-m", "flows.app", "run", str(cfg)]
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: the flow starts a Prefect server of its own, which a SIGKILL of the flow alone
+    # would leave running after the suite; killing the group stops both, also when the test fails
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     manifest = tmp_path / "killed/pairs/manifest.json"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if len(json.loads(manifest.read_text())["shards"]) >= 3:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=30)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if len(json.loads(manifest.read_text())["shards"]) >= 3:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
     assert not json.loads(manifest.read_text())["complete"]
     env["TOY_SLEEP"] = "0"
     assert subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True).returncode == 0
