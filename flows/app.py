@@ -14,9 +14,9 @@ import typer
 
 from flows import cli as flow_commands
 from pipeline import hub_cli, store_cli
-from pipeline.backends import cli as backend_commands
 from pipeline.errors import PrefpipeError
 from pipeline.tasks import cli as task_commands
+from pipeline.tasks import eval_cli as eval_commands
 from pipeline.threads import DEFAULT_THREADS, set_threads
 from pipeline.train import cli as train_commands
 from stages import cli as stage_commands
@@ -26,7 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 stage_app = typer.Typer(no_args_is_help=True, help="Run one pipeline stage (resumable through the run store).")
 app.add_typer(stage_app, name="stage")
 
-COMMAND_MODULES = (store_cli, task_commands, backend_commands, train_commands, hub_cli, stage_commands,
+COMMAND_MODULES = (store_cli, task_commands, eval_commands, train_commands, hub_cli, stage_commands,
                    flow_commands)
 
 

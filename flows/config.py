@@ -42,7 +42,10 @@ class TaskInput(_Strict):
 class TaskSource(_Strict):
     """Where a named task's problems come from: a file (`path`: math, prompts) or its generator (`size` problems
     of `split` under `seed`: arith, reasoning-gym:<dataset>), e.g. {task: math, path: gsm8k.jsonl, limit: 500}
-    or {task: "reasoning-gym:chain_sum", size: 2000, seed: 1}."""
+    or {task: "reasoning-gym:chain_sum", size: 2000, seed: 1}. A `task` given as a name lands in `task_name`
+    (a mapping stays the bundled task's `{preset, split, n, overrides}` section)."""
+    task_name: str | None = Field(None, description="a task name: arith, math, prompts, reasoning-gym:<dataset> "
+                                                    "(written `task: NAME`)")
     path: str | None = Field(None, description="with a task name: its problems file (JSONL, Parquet or a "
                                                "datasets folder), relative to the config's folder")
     size: int | None = Field(None, ge=1, description="with a generating task: how many problems to draw")
@@ -55,15 +58,31 @@ class TaskSource(_Strict):
     answer_column: str | None = Field(None, description="math: the answer column when not a known one")
     limit: int | None = Field(None, ge=1, description="take only the first N prompts")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_of_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("task"), str):
+            data = {k: v for k, v in data.items() if k != "task"} | {"task_name": data["task"]}
+        return data
+
+    @model_validator(mode="after")
+    def _named_only(self) -> "TaskSource":
+        if self.task_name is None:
+            used = [k for k in ("path", "size", "seed", "split", "options", "prompt_column", "answer_column")
+                    if k in self.model_fields_set]
+            if used:
+                raise ValueError(f"`{used[0]}` goes with a task name (task: math, reasoning-gym:<dataset>, ...)")
+        return self
+
 
 class Inputs(TaskSource):
-    task: TaskInput | str | None = Field(None, description="the bundled arithmetic task ({preset: tiny, ...}) or "
-                                         "a task name: arith, math, prompts, reasoning-gym:<dataset>")
+    task: TaskInput | None = Field(None, description="the bundled arithmetic task ({preset: tiny, ...}) or a "
+                                   "task name: arith, math, prompts, reasoning-gym:<dataset>")
     file: str | None = Field(None, description="or a prompts file: JSONL, Parquet or a datasets folder")
 
     @model_validator(mode="after")
     def _one(self) -> "Inputs":
-        if (self.task is None) == (self.file is None):
+        if [self.task, self.task_name, self.file].count(None) != 2:
             raise ValueError("inputs needs exactly one of `task` or `file`")
         return self
 
@@ -101,9 +120,9 @@ class TrainArm(_Strict):
 
 
 class EvalStep(TaskSource):
-    task: TaskInput | str = Field(default_factory=lambda: TaskInput(split="eval", n=1000),
-                                  description="the bundled task's split ({preset: tiny, split: eval, n: 1000}) or a "
-                                              "task name with path / size (see inputs)")
+    task: TaskInput = Field(default_factory=lambda: TaskInput(split="eval", n=1000),
+                            description="the bundled task's split ({preset: tiny, split: eval, n: 1000}) or a task "
+                                        "name with path / size (see inputs)")
     batch_size: int = Field(64, ge=1, description="eval problems per generate call")
     max_tokens: int = Field(192, ge=1, description="new tokens per eval answer")
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples for Δ intervals")
@@ -180,7 +199,7 @@ def _check_named_task(src: TaskSource, loc: tuple, file: str, needs_gold: str | 
     gold does not get a gold-free task."""
     from pipeline.tasks.registry import get_task
 
-    name = src.task
+    name = src.task_name
     try:
         task = get_task(name, **src.options)
     except InputError as e:
@@ -256,18 +275,18 @@ def check_steps(cfg: RunConfig, file: str) -> None:
 
     load_stage_modules()
     _check_refs(cfg, file)
-    if isinstance(cfg.inputs.task, TaskInput):
+    if cfg.inputs.task is not None:
         _check_task(cfg.inputs.task, ("inputs", "task"), file)
-    elif cfg.inputs.task is not None:
+    elif cfg.inputs.task_name is not None:
         _check_named_task(cfg.inputs, ("inputs",), file)
-    if cfg.eval is not None and not isinstance(cfg.eval.task, TaskInput):
+    if cfg.eval is not None and cfg.eval.task_name is not None:
         _check_named_task(cfg.eval, ("eval",), file, needs_gold="eval")
     if cfg.inputs.file is not None:
         q = Path(cfg.inputs.file)
         if not (q if q.is_absolute() else Path(file).resolve().parent / q).exists():
             raise InputError(f"no such prompts file {cfg.inputs.file!r} (relative paths start at the config's "
                              f"folder)", file=file, column="inputs.file")
-    if cfg.eval is not None and isinstance(cfg.eval.task, TaskInput):
+    if cfg.eval is not None and cfg.eval.task_name is None:
         _check_task(cfg.eval.task, ("eval", "task"), file)
     outputs: dict[str, dict[str, str]] = {"inputs": {"main": "prompts"}}
     for i, step in enumerate(cfg.stages):
@@ -277,7 +296,7 @@ def check_steps(cfg: RunConfig, file: str) -> None:
         spec = get_stage(step.stage)
         stage_cfg = validate(spec.config, step.config, file=file, prefix=("stages", i, "config"),
                              what=f"config of stage '{step.stage}'")
-        if step.input == "inputs" and isinstance(cfg.inputs.task, str) and stage_cfg.gold_needed():
+        if step.input == "inputs" and cfg.inputs.task_name is not None and stage_cfg.gold_needed():
             _check_named_task(cfg.inputs, ("stages", i), file, needs_gold=step.stage,
                               what=stage_cfg.gold_needed())
         kind = _output(outputs, step.input, ("stages", i, "input"), file)

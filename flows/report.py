@@ -118,8 +118,8 @@ def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
     return stats
 
 
-# Stages whose pairs hold whole solutions (shared_prefix + chosen is a full answer), so the bundled task's
-# verifier can say whether the label is right. Tree step pairs hold one line and are step-verified already.
+# Stages whose pairs hold whole solutions (shared_prefix + chosen is a full answer), so the task's answer
+# check can say whether the label is right. Tree step pairs hold one line and are step-verified already.
 FULL_SOLUTION_STAGES = {"sample-pairs", "intervention", "self-label"}
 
 
@@ -127,32 +127,31 @@ AGREEMENT_COLUMNS = ("prompt_id", "shared_prefix", "chosen", "rejected", "status
 
 
 def _task_problems(cfg: RunConfig) -> dict:
-    """prompt_id -> Problem of the run's bundled-task inputs ({} when the inputs are not the bundled task)."""
+    """prompt_id -> the input row bound to its task (pipeline/tasks), for every input row with gold to check
+    against ({} when the inputs have none, e.g. open prompts)."""
     import pyarrow.parquet as pq
 
-    from pipeline.tasks.verify import problem_from_meta
+    from pipeline.tasks.registry import item_for_row
 
     inputs = run_dir(cfg) / "inputs" / "prompts.parquet"
-    if cfg.inputs.task is None or not inputs.exists():
+    if not inputs.exists():
         return {}
-    t = pq.read_table(inputs, columns=["prompt_id", "meta"])
-    return {pid: problem_from_meta(m) for pid, m in zip(t["prompt_id"].to_pylist(), t["meta"].to_pylist())}
+    items = (item_for_row(r) for r in pq.read_table(inputs).to_pylist())
+    return {it.row["prompt_id"]: it for it in items if it.has_gold}
 
 
 def _verifier_agreement(problems: dict, pairs) -> dict | None:
-    """On the bundled task: how often an ok pair's chosen side is right and its rejected side wrong (the label
-    agrees with the verifier), both right or both wrong (the label carries no answer signal), or the reverse.
+    """On a task with gold: how often an ok pair's chosen side is right and its rejected side wrong (the label
+    agrees with the task's check), both right or both wrong (the label carries no answer signal), or the reverse.
     Re-verified from the pair texts, for every full-solution stage alike (self-label's own `chosen_correct`
     columns and stages.self_label.label_report are that stage's view of the same thing)."""
-    from pipeline.tasks.verify import verify_answer
-
     verdicts = []
     for r in pairs.select(list(AGREEMENT_COLUMNS)).to_pylist():
         problem = problems.get(r["prompt_id"])
         if r["status"] != "ok" or problem is None:
             continue
         prefix = r["shared_prefix"] or ""
-        c, j = verify_answer(prefix + r["chosen"], problem), verify_answer(prefix + r["rejected"], problem)
+        c, j = problem.correct(prefix + r["chosen"]), problem.correct(prefix + r["rejected"])
         verdicts.append((c, j))
     return label_agreement(verdicts)
 

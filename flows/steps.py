@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.config import RunConfig, TaskInput, arm_fields
+from flows.config import RunConfig, TaskInput, TaskSource, arm_fields
 from flows.paths import model_labels, run_dir  # noqa: F401  (model_labels: steps.model_labels for the flow)
 from pipeline.store import RunStore, atomic_write_bytes, atomic_write_table
 from pipeline.threads import set_threads
@@ -30,17 +30,20 @@ def _resolve(base: Path, p: str) -> Path:
     return q if q.is_absolute() else base / q
 
 
-def task_config(t: TaskInput):
-    from pipeline.tasks.arith import TaskConfig
+def task_problems(t: TaskInput) -> list[dict]:
+    """The bundled task's split a `{preset, split, n, overrides}` section names, as problem rows."""
+    from pipeline.tasks.registry import get_task
 
-    base = TaskConfig.tiny() if t.preset == "tiny" else TaskConfig()
-    return TaskConfig(**{**base.model_dump(), **t.overrides})
+    return get_task("arith", preset=t.preset, **t.overrides).make(t.n, t.split).to_pylist()
 
 
-def task_problems(t: TaskInput):
-    from pipeline.tasks.arith import make_split
+def source_problems(src: TaskSource, default_split: str) -> pa.Table:
+    """The problems of a section naming a task (`{task: math, path: ...}`, `{task: reasoning-gym:..., size}`)."""
+    from pipeline.tasks.problems import load_problems
 
-    return make_split(task_config(t), t.split, n=t.n)
+    return load_problems(src.task_name, path=src.path, n=src.size, split=src.split or default_split, seed=src.seed,
+                         limit=src.limit, prompt_column=src.prompt_column, answer_column=src.answer_column,
+                         options=src.options)[1]
 
 
 def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
@@ -48,10 +51,13 @@ def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
     out = run_dir(cfg) / "inputs" / "prompts.parquet"
     if out.exists():
         return out
-    if cfg.inputs.task is not None:
-        from pipeline.tasks.arith import problems_to_table
+    if cfg.inputs.task_name is not None:
+        table = source_problems(cfg.inputs, "train")
+    elif cfg.inputs.task is not None:
+        from pipeline.tasks.registry import get_task
 
-        table = problems_to_table(task_problems(cfg.inputs.task))
+        t = cfg.inputs.task
+        table = get_task("arith", preset=t.preset, **t.overrides).make(t.n, t.split)
     else:
         from pipeline.tasks.loaders import load_prompts
 
@@ -142,7 +148,10 @@ def eval_step(cfg: RunConfig, model: str, label: str) -> Path:
         return out
     if cfg.threads:  # else the process keeps what `prefpipe --threads` (or its default) set
         set_threads(cfg.threads)
-    problems = task_problems(cfg.eval.task)
+    if cfg.eval.task_name is not None:
+        problems = source_problems(cfg.eval, "eval").to_pylist()
+    else:
+        problems = task_problems(cfg.eval.task)
     backend = backend_for("transformers", str(model), None)
     res = evaluate_task(backend, problems, batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
     res.update({"model": str(model), "label": label})

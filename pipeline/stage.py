@@ -37,6 +37,11 @@ class StageConfig(BaseModel):
         """Sampling parameters that shape the output (they go into the fingerprint)."""
         return {}
 
+    def gold_needed(self) -> str | None:
+        """What this stage, so configured, needs gold answers for (None: it runs on open prompts too). A run
+        config whose inputs are a gold-free task (`prompts`) is refused at load with this text."""
+        return None
+
 
 @dataclass
 class StageContext:

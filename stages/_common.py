@@ -46,13 +46,11 @@ def pairs_table(rows: list[dict], stage_fields: list[pa.Field]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def task_problem(record: dict):
-    """The bundled task's Problem of a row with a `meta` record, else None; a bad record is an InputError
-    naming the column and the prompt_id (stages call this before any model call)."""
-    if record.get("meta") is None:
-        return None
-    from pipeline.tasks.verify import problem_from_meta
-    try:
-        return problem_from_meta(record["meta"])
-    except InputError as e:
-        raise InputError(f"{e.reason} (prompt_id {record.get('prompt_id')!r})", column="meta") from None
+def task_item(record: dict):
+    """The row bound to its task (pipeline.tasks: `check`, `first_wrong_step`, `gold_line`...) when the row has
+    gold to check against, else None; a bad `meta` record is an InputError naming the column and the prompt_id
+    (stages call this before any model call)."""
+    from pipeline.tasks.registry import item_for_row
+
+    item = item_for_row(record)
+    return item if item.has_gold else None

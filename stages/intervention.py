@@ -6,9 +6,12 @@ corrected trajectory (chosen) with the original (rejected). Both share `shared_p
 intervened unit, so training can score only the divergent part (`prefix_as_prompt`, IPO's "DPO on Part").
 
 Modes:
-- `math_correction` (the bundled task; input needs its `meta` column): the step verifier finds the first wrong
-  step k; it is replaced by the correct line computed from the problem (gold step k, or `Answer: N` when only the
-  answer line is wrong); the model continues greedily from there. chosen = prefix + corrected line +
+- `math_correction` (any task with gold answers): on a task with an exact step check (the bundled `arith`) the
+  step verifier finds the first wrong step k; it is replaced by the correct line computed from the problem (gold
+  step k, or `Answer: N` when only the answer line is wrong); the model continues greedily from there. On a
+  task without one (math, reasoning-gym) the first wrong line comes from rollouts (pipeline/tasks/rollouts.py:
+  `rollouts` continuations from every line prefix of a wrong sample; the first line after which none reaches a
+  right answer), and chosen = the text before it + a rollout from there that does reach one. chosen = prefix + corrected line +
   continuation, rejected = prefix + the original wrong line (+ the original remainder with
   `rejected_keep_remainder`). A rejected that stops after a wrong step line is marked `rejected_is_terminal`
   false, so the trainer adds no EOS after it (an EOS mid-solution is a token the policy never emits there, and
@@ -39,7 +42,7 @@ from pydantic import Field, model_validator
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table, task_problem
+from stages._common import now_utc, pair_id, pairs_table, task_item
 
 STAGE = "intervened"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +92,9 @@ class InterventionConfig(StageConfig):
     continue_max_tokens: int = Field(256, ge=1, description="new tokens per continuation")
     n_continuations: int = Field(1, ge=1, description="math: continuations sampled per corrected prefix; the "
                                                       "first that verifies is kept (needs continue_temperature > 0)")
+    rollouts: int = Field(8, ge=1, description="math on a task with no exact step check: rollouts per line prefix "
+                                               "of a wrong sample (the step-label budget)")
+    rollout_temperature: float = Field(0.8, gt=0, description="temperature of those rollouts")
     rejected_keep_remainder: bool = Field(
         False, description="math: rejected = the whole original text instead of prefix + the wrong line alone")
     keep_unverified: bool = Field(False, description="math: keep pairs whose corrected chosen does not verify")
@@ -106,6 +112,10 @@ class InterventionConfig(StageConfig):
         if self.n_continuations > 1 and self.continue_temperature == 0:
             raise ValueError("n_continuations > 1 needs continue_temperature > 0 (greedy samples are identical)")
         return self
+
+    def gold_needed(self) -> str | None:
+        return "gold answers to find the first wrong step (mode math_correction)" \
+            if self.mode == "math_correction" else None
 
     def resolved_detector(self) -> str:
         if self.detector == "auto":
@@ -214,18 +224,17 @@ def parse_index(reply: str, n_units: int) -> int | None:
 
 def math_wrong_unit(text: str, problem) -> tuple[int, tuple[int, int] | None, str] | None:
     """(wrong step k, span of the line to replace or None, the correct line) or None when the text verifies.
+    `problem` is the row bound to a task with an exact step check.
 
     The line to replace is the k-th step line; when the text has fewer step lines (a step was skipped, or the
     answer line is wrong) it is the first non-blank line after step line k-1.
     """
-    from pipeline.tasks.verify import first_wrong_step, step_lines
-
-    k = first_wrong_step(text, problem)
+    k = problem.first_wrong_step(text)
     if k is None:
         return None
     correct = problem.gold_line(k)
     spans = line_spans(text)
-    steps = [i for i, (a, b) in enumerate(spans) if step_lines(text[a:b])]
+    steps = [i for i, (a, b) in enumerate(spans) if problem.step_lines(text[a:b])]
     if len(steps) >= k:
         return k, spans[steps[k - 1]], correct
     after = steps[k - 2] + 1 if k >= 2 else 0
@@ -250,6 +259,7 @@ class Trajectory:
     reason: str | None = None     # why this sample gives no pair
     triggers_left: list = field(default_factory=list)
     verified: bool | None = None
+    wrong_is_last: bool = False   # math by rollouts: the wrong line ends the sample (rejected ends there too)
 
 
 def _detect(texts: list[str], spans: list[list[tuple[int, int]]], cfg, backend,
@@ -270,8 +280,6 @@ def _detect(texts: list[str], spans: list[list[tuple[int, int]]], cfg, backend,
 # ------------------------------------------------------------------------------------------- math mode
 def _math_locate(trajs: list[Trajectory], problems: list, cfg, backend) -> None:
     """Set prefix / wrong / substitute / assistant_prefix of each trajectory, or its `reason`."""
-    from pipeline.tasks.verify import step_lines
-
     if cfg.resolved_detector() != "verifier":
         spans = [line_spans(t.text) for t in trajs]
         patterns = None
@@ -298,7 +306,7 @@ def _math_locate(trajs: list[Trajectory], problems: list, cfg, backend) -> None:
                 continue
             span = spans[j][idx[j]]
             # The flagged line is step m+1 when m step lines precede it; its right version comes from the problem.
-            t.wrong_step = sum(bool(step_lines(t.text[a:b])) for a, b in spans[j][:idx[j]]) + 1
+            t.wrong_step = sum(bool(problem.step_lines(t.text[a:b])) for a, b in spans[j][:idx[j]]) + 1
             correct = problem.gold_line(t.wrong_step)
         t.start, t.prefix, t.wrong = span[0], t.text[:span[0]], t.text[span[0]:span[1]]
         t.substitute = correct
@@ -311,33 +319,67 @@ def _math_locate(trajs: list[Trajectory], problems: list, cfg, backend) -> None:
             t.assistant_prefix = t.prefix + correct + "\n"
 
 
-def task_problems(records: list[dict]) -> list:
-    """The bundled task's Problem of every row (from `meta`); checked before any model call."""
-    problems = [task_problem(r) for r in records]
+def task_problems(records: list[dict], cfg: InterventionConfig | None = None) -> list:
+    """Every row bound to its task (pipeline.tasks); checked before any model call."""
+    problems = [task_item(r) for r in records]
     for r, p in zip(records, problems):
         if p is None:
-            raise InputError(f"math_correction needs the task's 'meta' column (prompt_id {r['prompt_id']!r})",
+            raise InputError(f"math_correction needs a task with gold answers (prompt_id {r['prompt_id']!r})",
                              column="meta")
+        if cfg is not None and not p.has_step_check and cfg.resolved_detector() != "verifier":
+            raise InputError(f"the {cfg.resolved_detector()} detector needs a task with gold step lines, not "
+                             f"{p.task.name!r}; use detector: verifier (rollout labels)", column="detector")
     return problems
+
+
+def _rollout_locate(trajs: list[Trajectory], records: list[dict], problems: list, cfg, backend,
+                    ctx: StageContext) -> None:
+    """Rollout step labels for rows whose task has no exact step check: the first line after which no rollout
+    reaches a right answer is the wrong one; chosen = the text before it + a rollout from there that is right."""
+    from pipeline.tasks.rollouts import first_wrong_line, prefix_values
+
+    jobs, owners = [], []  # one job per line prefix (0..L lines) of every wrong sample
+    for t in trajs:
+        p = problems[t.row]
+        if p.correct(t.text):
+            t.reason = "sample already verifies (right answer)"
+            continue
+        spans = line_spans(t.text)
+        cuts = [0] + [b for _, b in spans]
+        owners.append((t, spans, len(jobs)))
+        jobs += [(records[t.row]["prompt"], t.text[:c] + ("\n" if c else ""), p.correct) for c in cuts]
+    sp = SamplingParams(temperature=cfg.rollout_temperature, max_tokens=cfg.continue_max_tokens, seed=ctx.seed + 2)
+    values = prefix_values(backend, jobs, sp, cfg.rollouts)
+    for t, spans, at in owners:
+        vals = values[at:at + len(spans) + 1]
+        k = first_wrong_line([v.share for v in vals])
+        if k is None:
+            t.reason = ("no rollout from the prompt reaches a right answer" if vals[0].share == 0 else
+                        f"rollouts find no line after which the answer is out of reach ({cfg.rollouts} each)")
+            continue
+        pre, right = jobs[at + k - 1][1], vals[k - 1].right[0]  # the text before line k, a right rollout from it
+        t.wrong_step, t.start, t.prefix, t.wrong = k, len(pre), pre, t.text[len(pre):spans[k - 1][1]]
+        t.substitute = right[len(pre):].split("\n", 1)[0]
+        t.chosen, t.wrong_is_last = right, k == len(spans)
 
 
 def _run_math(records: list[dict], problems: list, cfg: InterventionConfig, backend, ctx: StageContext,
               samples) -> list[Trajectory]:
-    from pipeline.tasks.verify import verify_steps
-
     trajs = [Trajectory(i, s, c.text) for i, comps in enumerate(samples) for s, c in enumerate(comps)]
-    _math_locate(trajs, problems, cfg, backend)
+    exact = [t for t in trajs if problems[t.row].has_step_check]
+    _math_locate(exact, problems, cfg, backend)
+    _rollout_locate([t for t in trajs if not problems[t.row].has_step_check], records, problems, cfg, backend, ctx)
     todo = [t for t in trajs if t.reason is None and t.chosen is None]
     if todo:
         conts = backend.continue_([records[t.row]["prompt"] for t in todo], [t.assistant_prefix for t in todo],
                                   cfg.continue_params(ctx.seed + 1), n=cfg.n_continuations)
         for t, comps in zip(todo, conts):
             texts = [t.assistant_prefix + c.text for c in comps]
-            t.chosen = next((x for x in texts if verify_steps(x, problems[t.row])), texts[0])
+            t.chosen = next((x for x in texts if problems[t.row].steps_ok(x)), texts[0])
     for t in trajs:
         if t.reason is None:
             t.n_interventions = 1
-            t.verified = verify_steps(t.chosen, problems[t.row])
+            t.verified = problems[t.row].steps_ok(t.chosen)
             if not t.verified and not cfg.keep_unverified:
                 t.reason = "corrected continuation does not verify"
     return trajs
@@ -453,7 +495,8 @@ def _trajectory_row(t: Trajectory, r: dict, cfg, backend, ctx, created, patterns
         # `Answer:` line, as in _math_locate) or the remainder is kept
         row.update(chosen_score=1.0 if t.verified else 0.0, rejected_score=0.0,
                    score_margin=(1.0 if t.verified else 0.0), chosen_is_terminal=True,
-                   rejected_is_terminal=cfg.rejected_keep_remainder or t.substitute.startswith("Answer:"))
+                   rejected_is_terminal=cfg.rejected_keep_remainder or t.substitute.startswith("Answer:")
+                   or t.wrong_is_last)
     else:
         row["rejected_reasoning_harmful"], row["rejected_answer_harmful"] = _harmful(t.text, patterns)
         row["chosen_reasoning_harmful"], row["chosen_answer_harmful"] = _harmful(t.chosen[len(t.prefix):], patterns)
@@ -467,7 +510,7 @@ def run(rows: pa.Table, cfg: InterventionConfig, backend, ctx: StageContext) -> 
         raise InputError("the verifier detector works only in math_correction mode", column="detector")
     records = rows.to_pylist()
     patterns = load_patterns(cfg) if cfg.mode == "safety_trigger" else None
-    problems = task_problems(records) if cfg.mode == "math_correction" else None
+    problems = task_problems(records, cfg) if cfg.mode == "math_correction" else None
     samples = backend.generate([r["prompt"] for r in records], cfg.sample_params(ctx.seed), n=cfg.n_samples)
     if cfg.mode == "math_correction":
         trajs = _run_math(records, problems, cfg, backend, ctx, samples)

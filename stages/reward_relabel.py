@@ -145,28 +145,36 @@ def _scores_from_columns(rows: list[dict]) -> tuple[list[float | None], list[flo
 
 
 def _verifier_score(text: str, problem, cfg: RewardRelabelConfig) -> float:
-    from pipeline.tasks.verify import first_wrong_step
-
-    k = first_wrong_step(text, problem)
-    if k is None:
+    """`problem` is the row bound to its task. Where the task checks steps, "answer" needs every step right and
+    "steps" credits the checks passed before the first wrong step; elsewhere "answer" is the answer check and
+    "steps" the task's own score (e.g. a reasoning-gym scorer's partial credit)."""
+    if problem.has_step_check:
+        k = problem.first_wrong_step(text)
+        # k-1 of n+1 checks passed (the answer line is check n+1)
+        frac = 1.0 if k is None else (k - 1) / (problem.n_steps + 1)
+    else:
+        frac = problem.check(text).score
+    if frac >= 1.0:
         return cfg.verifier_correct_score
     if cfg.verifier_mode == "answer":
         return cfg.verifier_wrong_score
-    # steps: k-1 of n+1 checks passed (the answer line is check n+1); linear between wrong and correct scores.
-    frac = (k - 1) / (problem.n_steps + 1)
+    # steps: linear between the wrong and correct scores.
     return round(cfg.verifier_wrong_score + frac * (cfg.verifier_correct_score - cfg.verifier_wrong_score), 3)
 
 
 def _scores_from_verifier(rows: list[dict], cfg: RewardRelabelConfig):
-    from pipeline.tasks.verify import problem_from_meta
+    from pipeline.tasks.registry import item_for_row
 
     _required(rows, "meta")
     cs, rs = [], []
     for r in rows:
         try:
-            problem = problem_from_meta(r["meta"])
+            problem = item_for_row(r)
         except InputError as e:
             raise InputError(f"{e.reason} (pair_id {r['pair_id']!r})", column="meta") from None
+        if not problem.has_gold:
+            raise InputError(f"score_source 'verifier' needs a task with gold answers, not {problem.task.name!r} "
+                             f"(pair_id {r['pair_id']!r})", column="meta")
         cs.append(_verifier_score(r["chosen"], problem, cfg))
         rs.append(_verifier_score(r["rejected"], problem, cfg))
     return cs, rs, [None] * len(rows)

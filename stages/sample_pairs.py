@@ -15,7 +15,7 @@ from pydantic import Field
 
 from pipeline.backends.base import SamplingParams
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table, task_problem
+from stages._common import now_utc, pair_id, pairs_table, task_item
 from schemas.errors import InputError
 
 STAGE_FIELDS = [pa.field("pair_type", pa.string()), pa.field("meta", pa.string())]
@@ -36,26 +36,29 @@ class SamplePairsConfig(StageConfig):
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
                 "n": self.n_samples}
 
+    def gold_needed(self) -> str | None:
+        return "gold answers to tell right samples from wrong ones"
+
 
 @register_stage("sample-pairs", config=SamplePairsConfig, input_kind="prompts", outputs={"main": "pairs"})
 def run(rows: pa.Table, cfg: SamplePairsConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
     """Final-answer pairs from K samples per problem (the naive baseline)."""
-    from pipeline.tasks.verify import verify_answer, verify_steps
-
     records = rows.to_pylist()
-    problems = [task_problem(r) for r in records]
+    problems = [task_item(r) for r in records]
     for r, p in zip(records, problems):
         if p is None:
-            raise InputError(f"sample-pairs needs the bundled task's 'meta' column (prompt_id {r['prompt_id']!r})",
+            raise InputError(f"sample-pairs needs a task with gold answers (prompt_id {r['prompt_id']!r})",
                              column="meta")
+        if cfg.chosen_requires == "steps" and not p.has_step_check:
+            raise InputError(f"sample-pairs chosen_requires: steps needs a task with an exact step check, not "
+                             f"{p.task.name!r} (prompt_id {r['prompt_id']!r})", column="meta")
     sp = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=ctx.seed)
     samples = backend.generate([r["prompt"] for r in records], sp, n=cfg.n_samples)
-    good = verify_steps if cfg.chosen_requires == "steps" else verify_answer
     out, created = [], now_utc()
     for r, p, comps in zip(records, problems, samples):
         texts = list(dict.fromkeys(c.text for c in comps))  # distinct samples, first-seen order
-        right = [t for t in texts if good(t, p)]
-        wrong = [t for t in texts if not verify_answer(t, p)]
+        right = [t for t in texts if (p.steps_ok(t) if cfg.chosen_requires == "steps" else p.correct(t))]
+        wrong = [t for t in texts if not p.correct(t)]
         rng = random.Random(ctx.row_seed(r["prompt_id"]))
         combos = [(c, w) for c in right for w in wrong]
         rng.shuffle(combos)

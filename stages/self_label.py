@@ -31,7 +31,7 @@ from pydantic import Field
 from pipeline.agreement import label_agreement
 from pipeline.backends.base import SamplingParams
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table, task_problem
+from stages._common import now_utc, pair_id, pairs_table, task_item
 
 STAGE = "self_label"
 STAGE_FIELDS = [
@@ -128,8 +128,7 @@ def sigmoid(x: float) -> float:
 def _correctness(problem, texts: list[str]) -> list[bool | None]:
     if problem is None:
         return [None] * len(texts)
-    from pipeline.tasks.verify import verify_answer
-    return [verify_answer(t, problem) for t in texts]
+    return [problem.correct(t) for t in texts]
 
 
 def label_row(r: dict, problem, texts: list[str], rewards: list[float], cfg: SelfLabelConfig,
@@ -168,7 +167,7 @@ def label_row(r: dict, problem, texts: list[str], rewards: list[float], cfg: Sel
 def run(rows: pa.Table, cfg: SelfLabelConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
     """SPA self-labels: K samples, implicit reward log π − log π_ref, chosen = argmax, rejected = argmin."""
     records = rows.to_pylist()
-    problems = [task_problem(r) for r in records]
+    problems = [task_item(r) for r in records]
     ref = reference_backend(cfg, backend)
     models = (getattr(backend, "model_id", "unknown"), getattr(ref, "model_id", "unknown"))
     prompts = [r["prompt"] for r in records]

@@ -52,6 +52,11 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
                              "otherwise, so no pair would be kept)")
         return self
 
+    def gold_needed(self) -> str | None:
+        if self.value_fn == "logprob":
+            return None
+        return f"gold answers for value_fn {self.value_fn!r} (use value_fn: logprob on open prompts)"
+
     def sampling(self) -> dict:
         return {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "step_max_tokens",
                                               "rollout_max_tokens", "step_stop")}
@@ -59,10 +64,10 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
 
 def _unusable(task: TreeTask, cfg: SearchConfig) -> str | None:
     """Why this row cannot be searched with this config (the row fails, the others go on)."""
-    if cfg.value_fn == "rollout" and task.gold_answer is None:
+    if cfg.value_fn == "rollout" and not task.has_gold:
         return "value_fn 'rollout' needs a gold answer (a `gold_answer` or `meta` column)"
-    if cfg.value_fn == "step_verifier" and task.problem is None:
-        return "value_fn 'step_verifier' needs the bundled task's `meta` column"
+    if cfg.value_fn == "step_verifier" and not task.has_step_verifier:
+        return "value_fn 'step_verifier' needs a task with an exact step check (arith)"
     return None
 
 

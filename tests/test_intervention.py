@@ -13,6 +13,7 @@ from pipeline.stage import get_stage
 from pipeline.store import RunStore
 from pipeline.tasks.arith import TaskConfig, apply_op, make_split, problems_to_table
 from pipeline.tasks.verify import step_lines, verify_steps
+from pipeline.tasks.registry import item_for_row
 from stages.intervention import (InterventionConfig, line_spans, load_patterns, math_wrong_unit, parse_index,
                                  sentence_spans)
 
@@ -172,14 +173,15 @@ def test_judge_detector_in_math_mode(tmp_path):
 
 def test_wrong_unit_location():
     p = make_split(TaskConfig.tiny(), "train", 1)[0]
-    k, span, correct = math_wrong_unit("I think:\n" + wrong_at_step2(p), p)
+    item = item_for_row({"meta": p.meta_json()})  # the row bound to its task (arith)
+    k, span, correct = math_wrong_unit("I think:\n" + wrong_at_step2(p), item)
     assert (k, correct) == (2, p.gold_steps[1])
     text = "I think:\n" + wrong_at_step2(p)
     assert text[span[0]:span[1]] == wrong_at_step2(p).splitlines()[1]
     skipped = p.gold_steps[0] + "\nAnswer: 5"                   # step 2 missing: the answer line is replaced
-    k, span, correct = math_wrong_unit(skipped, p)
+    k, span, correct = math_wrong_unit(skipped, item)
     assert (k, skipped[span[0]:span[1]], correct) == (2, "Answer: 5", p.gold_steps[1])
-    assert math_wrong_unit(p.gold_solution, p) is None
+    assert math_wrong_unit(p.gold_solution, item) is None
     assert line_spans("a\n\nbc\n") == [(0, 1), (3, 5)]
     assert sentence_spans("Hi there. How are you?\nFine") == [(0, 9), (10, 22), (23, 27)]
     assert [parse_index(t, 3) for t in ("Index: 2", "index=none", "Index: 9", "??")] == [1, None, None, None]
@@ -250,9 +252,9 @@ def test_safety_trigger_pairs(tmp_path):
 def test_malformed_input_is_rejected_with_a_clear_error(tmp_path):
     probs, rows = task(2)
     with pytest.raises(InputError, match=r"column 'meta'.*math_correction needs"):
-        _run(rows.drop_columns(["meta"]), FakeSolver(probs), tmp_path)
+        _run(rows.drop_columns(["meta", "gold_answer"]), FakeSolver(probs), tmp_path)
     solver = FakeSolver(probs)
-    bad = rows.set_column(rows.schema.get_field_index("meta"), "meta", pa.array(["{}", "{}"]))
+    bad = rows.set_column(rows.schema.get_field_index("meta"), "meta", pa.array(['{"task": "arith"}'] * 2))
     with pytest.raises(InputError, match=r"column 'meta'.*not an arith problem record.*prompt_id"):
         _run(bad, solver, tmp_path, "m")
     assert solver.calls["generate"] == 0                         # rejected before any model call

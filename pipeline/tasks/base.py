@@ -106,16 +106,31 @@ class Task:
     def n_steps(self, row: dict) -> int | None:
         return None
 
+    def gold_solution(self, row: dict) -> str | None:
+        """The full gold solution text, where the row has one (its `gold` column by default)."""
+        return row.get("gold")
+
     def difficulty(self, row: dict) -> str | None:
         """The row's grading bucket for per-difficulty eval (its `difficulty` column by default)."""
         d = row.get("difficulty")
         return None if d is None else str(d)
 
+    def gold_answer(self, row: dict) -> str | None:
+        """The row's `gold_answer` column, else the one its meta carries (pairs keep meta, not gold_answer)."""
+        g = row.get("gold_answer")
+        if g is None:
+            g = meta_dict(row.get("meta")).get("gold_answer")
+        return None if g is None else str(g)
+
     def row_has_gold(self, row: dict) -> bool:
         """Whether `check` can judge this row (a gold answer, or whatever else the task scores with)."""
-        return self.has_gold and row.get("gold_answer") is not None
+        return self.has_gold and self.gold_answer(row) is not None
+
+    def validate_row(self, row: dict) -> None:
+        """Raise InputError when the row lacks what the checks need (so stages fail before any model call)."""
 
     def bind(self, row: dict) -> "TaskItem":
+        self.validate_row(row)
         return TaskItem(self, row)
 
 
@@ -137,7 +152,7 @@ class TaskItem:
 
     @property
     def gold_answer(self) -> str | None:
-        return self.row.get("gold_answer")
+        return self.task.gold_answer(self.row)
 
     @property
     def n_steps(self) -> int | None:

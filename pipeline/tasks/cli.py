@@ -1,11 +1,12 @@
-"""`prefpipe task ...`: make the bundled task's splits as Parquet files, and show a few problems."""
+"""`prefpipe task ...`: make a task's problems as Parquet files (the bundled task's splits by default, any
+registered task with --task), and show a few bundled problems."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import pyarrow.parquet as pq
 import typer
@@ -52,7 +53,8 @@ def _splits(split: str) -> list[str]:
 
 
 def register(app: typer.Typer, stage_app: typer.Typer) -> None:
-    task_app = typer.Typer(no_args_is_help=True, help="The bundled arithmetic word-problem task.")
+    task_app = typer.Typer(no_args_is_help=True, help="Tasks: problems with gold answers (arith, math, "
+                                                      "reasoning-gym:<dataset>) or open prompts.")
     app.add_typer(task_app, name="task")
 
     @task_app.command("make")
@@ -65,11 +67,20 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
              max_steps: Optional[int] = typer.Option(None, "--max-steps"),
              ops: Optional[str] = typer.Option(None, help="comma-separated subset of + - * /"),
              start_digits: Optional[int] = typer.Option(None, "--start-digits"),
-             operand_digits: Optional[int] = typer.Option(None, "--operand-digits")) -> None:
+             operand_digits: Optional[int] = typer.Option(None, "--operand-digits"),
+             task: str = typer.Option("arith", "--task", help="arith, math, prompts, reasoning-gym:<dataset>"),
+             path: Optional[Path] = typer.Option(None, "--path", help="math / prompts: the file to read"),
+             option: Optional[List[str]] = typer.Option(None, "--option", help="task setting key=value "
+                                                        "(repeatable), e.g. min_terms=3"),
+             prompt_column: Optional[str] = typer.Option(None, "--prompt-column"),
+             answer_column: Optional[str] = typer.Option(None, "--answer-column")) -> None:
         """Write the task's splits as Parquet (plus task_config.json)."""
-        cfg = _config(preset, seed, min_steps, max_steps, ops, start_digits, operand_digits)
         if n is not None and n < 1:
             raise InputError("must be >= 1", column="--n")
+        if task != "arith":
+            _make_other(out, task, split, n, seed, path, option, prompt_column, answer_column)
+            return
+        cfg = _config(preset, seed, min_steps, max_steps, ops, start_digits, operand_digits)
         names = _splits(split)
         out.mkdir(parents=True, exist_ok=True)
         for name in names:
@@ -77,6 +88,26 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
             _write_atomic(out / f"{name}.parquet", lambda tmp, t=table: pq.write_table(t, tmp))
             typer.echo(f"wrote {out / f'{name}.parquet'}: {table.num_rows} problems")
         cfg_text = json.dumps(cfg.model_dump(), indent=2)
+        _write_atomic(out / "task_config.json", lambda tmp: Path(tmp).write_text(cfg_text))
+
+    def _make_other(out: Path, task: str, split: str, n: Optional[int], seed: Optional[int], path: Optional[Path],
+                    option: Optional[List[str]], prompt_column: Optional[str], answer_column: Optional[str]) -> None:
+        from pipeline.tasks.problems import load_problems, parse_options
+
+        opts = parse_options(option)
+        if path is not None:  # a file is one table: written as the requested split (train by default)
+            names = ["train" if split == "both" else split]
+        else:
+            names = _splits(split)
+        tables = {name: load_problems(task, path=path, n=None if path else (n or 1000), limit=n if path else None,
+                                      split=name, seed=seed, prompt_column=prompt_column,
+                                      answer_column=answer_column, options=opts)[1] for name in names}
+        out.mkdir(parents=True, exist_ok=True)  # only after every split was made: nothing half-written
+        for name, table in tables.items():
+            _write_atomic(out / f"{name}.parquet", lambda tmp, t=table: pq.write_table(t, tmp))
+            typer.echo(f"wrote {out / f'{name}.parquet'}: {table.num_rows} problems")
+        cfg_text = json.dumps({"task": task, "options": opts, "seed": seed, "path": str(path) if path else None},
+                              indent=2)
         _write_atomic(out / "task_config.json", lambda tmp: Path(tmp).write_text(cfg_text))
 
     @task_app.command("show")

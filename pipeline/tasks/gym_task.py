@@ -81,6 +81,9 @@ class GymTask(Task):
                              f"make`; prompt_id {row.get('prompt_id')!r})", column="meta")
         return entry
 
+    def validate_row(self, row: dict) -> None:
+        self.entry(row)
+
     def extract_answer(self, response: str) -> str | None:
         from reasoning_gym.utils import extract_answer
 

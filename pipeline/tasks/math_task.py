@@ -119,7 +119,7 @@ class MathTask(Task):
             if gold is None:
                 raise InputError("no final answer found", file=str(path), row=i, column=ac)
             rows.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "gold_answer": gold,
-                         "gold": str(sol), "meta": self.meta(),
+                         "gold": str(sol), "meta": self.meta(gold_answer=gold),
                          "difficulty": None if diff_col is None or r[diff_col] is None else str(r[diff_col])})
         return problems_table(rows, {"gold": pa.string()})
 
@@ -127,7 +127,7 @@ class MathTask(Task):
         return extract_answer(response)
 
     def check(self, response: str, row: dict) -> Check:
-        gold = row.get("gold_answer")
+        gold = self.gold_answer(row)
         if gold is None:
             return super().check(response, row)
         ok = equivalent(extract_answer(response), str(gold))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from stages.tree.config import SearchConfig
 from stages.tree.nodes import Node, Tree
-from stages.tree.verifier import TreeTask, final_answer
+from stages.tree.verifier import TreeTask
 
 
 @dataclass
@@ -48,7 +48,7 @@ def annotate(work: Work, node: Node, terminal_re: re.Pattern) -> None:
     node.is_terminal = node.is_terminal or bool(terminal_re.search(node.step_text))
     steps = tree.trajectory(node)
     if node.is_terminal:
-        node.answer = final_answer(node.step_text)
+        node.answer = task.final_answer(node.step_text)
     node.correct = task.node_correct(steps, tree.join, node.is_terminal)
 
 

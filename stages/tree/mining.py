@@ -35,7 +35,6 @@ import random
 
 import pyarrow as pa
 
-from pipeline.tasks.verify import first_wrong_step, step_lines
 from schemas import validate
 from schemas.tables import RANKED_LISTS
 from schemas.pairs import make_pairs
@@ -76,9 +75,9 @@ def score01(node: Node, method: str) -> float:
 
 def graded_score(tree: Tree, task: TreeTask, node: Node, method: str) -> float:
     """A list score: with a step verifier, the right share of the solution before its first wrong step."""
-    if task.problem is not None:
-        wrong = first_wrong_step(tree.response(node), task.problem)
-        return 1.0 if wrong is None else (wrong - 1) / (task.problem.n_steps + 1)
+    if task.has_step_verifier:
+        wrong = task.first_wrong_step(tree.response(node))
+        return 1.0 if wrong is None else (wrong - 1) / (task.n_steps + 1)
     ok = task.answer_correct(tree.response(node))
     return float(ok) if ok is not None else score01(node, method)
 
@@ -193,13 +192,12 @@ class _Miner:
     def gold_child(self, parent: Node, kids: list[Node]) -> Node | None:
         """The task's gold next line after `parent` (whose children are `kids`) as a node outside the tree, or
         None when there is no step verifier or the prefix plus that line does not verify."""
-        problem = self.task.problem
-        if problem is None:
+        if not self.task.has_step_verifier:
             return None
         steps = self.tree.trajectory(parent)
-        k = len(step_lines(self.tree.join.join(steps))) + 1
-        line = problem.gold_line(k)
-        terminal = k > problem.n_steps
+        k = len(self.task.step_lines(self.tree.join.join(steps))) + 1
+        line = self.task.gold_line(k)
+        terminal = k > self.task.n_steps
         if not self.task.steps_correct(steps + [line], self.tree.join, terminal):
             return None
         greedy = None if kids[0].greedy is None else False  # a greedy_first tree records it on every child

@@ -13,9 +13,8 @@ import json
 import pyarrow as pa
 
 from pipeline.agreement import label_agreement
-from pipeline.tasks.verify import first_wrong_step, problem_from_meta
 from stages.tree.mining import STEP_TYPES
-from stages.tree.verifier import final_answer, same_answer
+from stages.tree.verifier import TreeTask, task_from_info
 
 
 def _share(xs: list[bool]) -> float | None:
@@ -27,9 +26,9 @@ def _agree_share(verdicts: list[tuple[bool, bool]]) -> float | None:
     return (label_agreement(verdicts) or {}).get("agree_share")
 
 
-def _step_ok(text: str, problem) -> bool:
+def _step_ok(text: str, task: TreeTask) -> bool:
     """Every line so far is right (a partial solution may still miss its later steps)."""
-    wrong = first_wrong_step(text, problem)
+    wrong = task.first_wrong_step(text)
     n_lines = sum(1 for ln in text.splitlines() if ln.strip())
     is_final = text.strip().splitlines()[-1].lower().startswith("answer") if text.strip() else False
     return wrong is None or (not is_final and wrong > n_lines)
@@ -37,20 +36,18 @@ def _step_ok(text: str, problem) -> bool:
 
 def quality_report(pairs: pa.Table, trees: pa.Table) -> dict:
     info = {r["prompt_id"]: json.loads(r["extra"] or "{}") for r in trees.select(["prompt_id", "extra"]).to_pylist()}
-    problems = {pid: problem_from_meta(i["meta"]) for pid, i in info.items() if i.get("meta")}
+    tasks = {pid: task_from_info("", i) for pid, i in info.items()}
     term_ans, term_steps, step_ok, holds, len_diff = [], [], [], [], []
     rows = [r for r in pairs.to_pylist() if r["status"] == "ok"]
     for r in rows:
-        gold = info.get(r["prompt_id"], {}).get("gold_answer")
-        problem = problems.get(r["prompt_id"])
+        task = tasks.get(r["prompt_id"])
         len_diff.append(len(r["chosen"]) - len(r["rejected"]))
-        if r["pair_type"] == "terminal" and gold is not None:
-            term_ans.append((same_answer(final_answer(r["chosen"]), gold),
-                             same_answer(final_answer(r["rejected"]), gold)))
-            if problem is not None:
-                term_steps.append(first_wrong_step(r["chosen"], problem) is None)
-        elif r["pair_type"] in STEP_TYPES and problem is not None:
-            step_ok.append((_step_ok(r["chosen"], problem), _step_ok(r["rejected"], problem)))
+        if r["pair_type"] == "terminal" and task is not None and task.has_gold:
+            term_ans.append((bool(task.answer_correct(r["chosen"])), bool(task.answer_correct(r["rejected"]))))
+            if task.has_step_verifier:
+                term_steps.append(task.first_wrong_step(r["chosen"]) is None)
+        elif r["pair_type"] in STEP_TYPES and task is not None and task.has_step_verifier:
+            step_ok.append((_step_ok(r["chosen"], task), _step_ok(r["rejected"], task)))
         extra = json.loads(r["extra"])
         if "order_holds" in extra:
             holds.append(bool(extra["order_holds"]))

@@ -28,7 +28,7 @@ def run_tpo(works: list[Work], backend, cfg: SearchConfig, seed: int, counter: T
     jobs = []  # (work, node to continue from)
     for w in works:
         root = w.tree.root
-        gold = w.task.problem.gold_solution.split("\n") if w.task.problem is not None else None
+        gold = w.task.gold_solution.split("\n") if w.task.has_step_verifier and w.task.gold_solution else None
         if gold:
             tip = add_path(w, root, cfg.step_join.join(gold), cfg, finished=True)
             w.tree.info["gold_node"] = tip.node_id

@@ -17,7 +17,7 @@ def check_pairs(pairs: list[dict], tasks: dict[str, TreeTask], backend, cfg: Sea
     sides, jobs = [], []  # (pair index, side) -> either a fixed estimate or a rollout job index
     for i, p in enumerate(pairs):
         task = tasks.get(p["prompt_id"])
-        if p["pair_type"] not in STEP_TYPES or task is None or task.gold_answer is None:
+        if p["pair_type"] not in STEP_TYPES or task is None or not task.has_gold:
             continue
         for side in ("chosen", "rejected"):
             text = p[side]

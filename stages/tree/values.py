@@ -54,12 +54,12 @@ def evaluate(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig, see
     if cfg.value_fn == "step_verifier":
         for w, _ in items:
             if not w.task.has_step_verifier:
-                raise InputError("value_fn 'step_verifier' needs the bundled task's `meta` column",
+                raise InputError("value_fn 'step_verifier' needs a task with an exact step check (arith)",
                                  column="meta")
         return [NodeValue(1.0 if node.correct else 0.0) for _, node in items]
     if cfg.value_fn == "rollout":
         for w, _ in items:
-            if w.task.gold_answer is None:
+            if not w.task.has_gold:
                 raise InputError("value_fn 'rollout' needs a gold answer (a `gold_answer` or `meta` column)",
                                  column="gold_answer")
         out: list[NodeValue | None] = [None] * len(items)

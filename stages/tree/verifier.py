@@ -1,57 +1,59 @@
-"""What a tree knows about its prompt's task: the gold answer and, on the bundled task, an exact step verifier.
+"""What a tree knows about its prompt's task, through the Task interface (pipeline/tasks): the gold answer check
+and, where the task has one (the bundled arithmetic task), the exact step check.
 
-Input rows of the bundled task (`prefpipe task make`) carry a `meta` column from which the Problem is rebuilt,
-so every step line can be checked exactly. Other prompt sets may carry `gold_answer` only: then answers are
-checked and steps are not. Without either, only value functions that need no gold (log-prob) can run.
+A row names its task in its `meta` column (`prefpipe task make` writes it); a row with only a `gold_answer` is a
+`math` row (math-verify); a row with neither has no gold, and only value functions that need none (log-prob)
+can run on it.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from pipeline.tasks.arith import Problem
-from pipeline.tasks.verify import extract_answer, first_wrong_step, problem_from_meta, step_lines
-
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def final_answer(text: str) -> str | None:
-    """The stated final answer: an "Answer: N" line, else the last \\boxed{}, else the last number."""
-    a = extract_answer(text)
-    if a is not None:
-        return str(a)
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return boxed[-1].strip()
-    nums = _NUMBER.findall(text)
-    return nums[-1] if nums else None
-
-
-def same_answer(a: str | None, gold: str) -> bool:
-    if a is None:
-        return False
-    try:
-        return float(a.replace(",", "")) == float(gold.replace(",", ""))
-    except ValueError:
-        return a.strip() == gold.strip()
+from pipeline.tasks.base import TaskItem
+from pipeline.tasks.registry import item_for_row
 
 
 @dataclass
 class TreeTask:
     prompt: str
-    gold_answer: str | None = None
-    problem: Problem | None = None
+    item: TaskItem
+
+    @property
+    def has_gold(self) -> bool:
+        return self.item.has_gold
+
+    @property
+    def gold_answer(self) -> str | None:
+        return self.item.gold_answer if self.item.has_gold else None
 
     @property
     def has_step_verifier(self) -> bool:
-        return self.problem is not None
+        return self.item.has_step_check
+
+    @property
+    def n_steps(self) -> int | None:
+        return self.item.n_steps
+
+    @property
+    def gold_solution(self) -> str | None:
+        """The full gold solution, where the task knows one (the branch path of TPO lists)."""
+        return self.item.task.gold_solution(self.item.row) if self.has_gold else None
+
+    def final_answer(self, text: str) -> str | None:
+        return self.item.task.extract_answer(text) if self.item.task.has_gold else None
 
     def answer_correct(self, text: str) -> bool | None:
-        """Whether the text's final answer is the gold one (None when there is no gold answer)."""
-        if self.gold_answer is None:
-            return None
-        return same_answer(final_answer(text), self.gold_answer)
+        """Whether the text's final answer is right (None when the task has no gold to check against)."""
+        return self.item.correct(text) if self.has_gold else None
+
+    def first_wrong_step(self, text: str) -> int | None:
+        return self.item.first_wrong_step(text)
+
+    def step_lines(self, text: str) -> list[str]:
+        return self.item.step_lines(text)
+
+    def gold_line(self, k: int) -> str | None:
+        return self.item.gold_line(k)
 
     def steps_correct(self, steps: list[str], join: str, terminal: bool) -> bool | None:
         """Step verifier on a partial (or, when terminal, complete) solution. None without a verifier.
@@ -59,31 +61,28 @@ class TreeTask:
         A partial solution is right when no step so far leaves the gold path; `first_wrong_step` reports a
         missing next step as wrong at index len+1, which is not an error yet for a partial solution.
         """
-        if self.problem is None:
+        if not self.has_step_verifier:
             return None
         text = join.join(steps)
-        wrong = first_wrong_step(text, self.problem)
+        wrong = self.item.first_wrong_step(text)
         if terminal:
             return wrong is None
-        return wrong is None or wrong > len(step_lines(text))
+        return wrong is None or wrong > len(self.item.step_lines(text))
 
     def node_correct(self, steps: list[str], join: str, terminal: bool) -> bool | None:
-        """The `correct` flag of a node: step-verified when possible; else the answer check on terminals."""
-        if self.problem is not None:
+        """The `correct` flag of a node: step-verified when possible; else the answer check on terminals (a
+        non-terminal node of such a task gets its label from rollouts, see stages/tree/values.py)."""
+        if self.has_step_verifier:
             return self.steps_correct(steps, join, terminal)
         return self.answer_correct(join.join(steps)) if terminal else None
 
 
 def task_from_row(row: dict) -> TreeTask:
-    """A TreeTask from an input row (prompts table, optionally with the task's `meta` / `gold_answer`)."""
-    problem = problem_from_meta(row["meta"]) if row.get("meta") else None
-    gold = row.get("gold_answer")
-    if gold is None and problem is not None:
-        gold = str(problem.answer)
-    return TreeTask(prompt=row["prompt"], gold_answer=None if gold is None else str(gold), problem=problem)
+    """A TreeTask from an input row (prompts table, optionally with `meta` / `gold_answer`)."""
+    return TreeTask(prompt=row["prompt"], item=item_for_row(row))
 
 
 def task_from_info(prompt: str, info: dict) -> TreeTask:
     """The same TreeTask rebuilt from a stored tree's `extra` (so mining needs no input table)."""
-    problem = problem_from_meta(info["meta"]) if info.get("meta") else None
-    return TreeTask(prompt=prompt, gold_answer=info.get("gold_answer"), problem=problem)
+    row = {"prompt": prompt, "gold_answer": info.get("gold_answer"), "meta": info.get("meta")}
+    return TreeTask(prompt=prompt, item=item_for_row(row))
