@@ -25,9 +25,12 @@ MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.strin
 MESSAGES = pa.list_(MESSAGE)
 FORMATS = ("auto", "conversational", "standard")
 
-PAIR_PROVENANCE = ("shared_prefix", "pair_id", "prompt_id", "stage", "method", "pair_type", "generator_model",
-                   "judge_model", "chosen_score", "rejected_score", "score_margin", "label_confidence",
-                   "chosen_correct", "rejected_correct", "iteration")
+# Besides the prompt and the two responses: what some losses train on (the RDPO rationale and its prompt, the
+# shared prefix), then provenance.
+PAIR_PROVENANCE = ("shared_prefix", "rationale", "rationale_prompt", "pair_id", "prompt_id", "stage", "method",
+                   "pair_type", "pair_kind", "generator_model", "judge_model", "chosen_score", "rejected_score",
+                   "score_margin", "goal_score", "label_confidence", "chosen_correct", "rejected_correct",
+                   "iteration")
 # What a string-prompt row needs besides: the conversation its prompt renders (so `prefpipe train` can rebuild
 # the store row) and which sides end the response (TRL adds EOS to both; see the card).
 STANDARD_PROVENANCE = ("prompt_messages", "chosen_is_terminal", "rejected_is_terminal")

@@ -26,6 +26,7 @@ import pytest
 from pipeline.engine import run_stage
 from pipeline.hub import ExportConfig, export_run
 from pipeline.hub_card import STEP_EOS_FIX
+from pipeline.hub_rows import PAIR_PROVENANCE
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.store import RunStore
 from pipeline.tasks.arith import TaskConfig, make_split, problems_to_table
@@ -159,10 +160,10 @@ def test_export_formats(run):
     assert first["prompt"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p.question}]
     assert first["chosen"] == [{"role": "assistant", "content": p.gold_solution}]
     assert sum(len(r["prompt"]) == 2 for r in rows) == N // 2
-    assert set(first) == {"prompt", "chosen", "rejected", "shared_prefix", "pair_id", "prompt_id", "stage",
-                          "method", "pair_type", "generator_model", "judge_model", "chosen_score",
-                          "rejected_score", "score_margin", "label_confidence", "chosen_correct",
-                          "rejected_correct", "iteration"}  # no row_key, status, error, extra, created_at
+    # Only what a trainer reads and provenance: no row_key, status, error, extra, created_at.
+    assert {"pair_id", "prompt_id", "stage", "method", "pair_type", "generator_model", "chosen_score",
+            "rejected_score", "score_margin", "chosen_correct", "rejected_correct"} <= set(first)
+    assert set(first) - {"prompt", "chosen", "rejected"} <= set(PAIR_PROVENANCE)
     step = _load(export, "labelled-steps")[0]
     p = problems[step["prompt_id"]]
     assert step["prompt"] == f"<|bos|><|user|>\n{p.question}\n<|assistant|>\n{p.gold_steps[0]}\n"

@@ -303,6 +303,50 @@ def test_card_run_config_and_limitations(run_dir, export):
     assert f"`tree-search`: {odd_ok / 18:.0%} of pairs share an assistant prefix" in limits
 
 
+def test_verifier_agreement_from_columns_or_extra():
+    from pipeline.hub_card import pair_stats, reduce_pairs
+    verdicts = [(True, False), (True, False), (True, True), (False, True), (False, False), (True, None)]
+    as_columns = pa.table({"chosen_correct": [c for c, _ in verdicts], "rejected_correct": [r for _, r in verdicts]})
+    as_extra = pa.table({"extra": [json.dumps({"chosen_correct": c, "rejected_correct": r, "depth": 2})
+                                   for c, r in verdicts]})
+    want = {"verified": 5, "agree": 2, "inverted": 1, "both_right": 1, "both_wrong": 1}  # the last pair is unjudged
+    assert pair_stats(reduce_pairs(as_columns))["verifier_agreement"] == want
+    assert pair_stats(reduce_pairs(as_extra))["verifier_agreement"] == want
+    assert pair_stats(reduce_pairs(pa.table({"extra": ["{}", "{}"]})))["verifier_agreement"] is None
+
+
+def _intervention(rows: pa.Table, cfg, backend, ctx) -> dict[str, pa.Table]:
+    out = []
+    for pid, prompt in zip(rows.column("prompt_id").to_pylist(), rows.column("prompt").to_pylist()):
+        i = int(pid.split("-")[-1])
+        out.append({"pair_id": ctx.row_key(pid), "row_key": ctx.row_key(pid), "prompt_id": pid, "prompt": prompt,
+                    "shared_prefix": "Step 1: 2\n", "chosen": f"Step 1: 2\nAnswer: {i}",
+                    "rejected": "Step 1: 2\nStep 2: 3" if i % 2 else f"Step 1: 2\nAnswer: {i + 1}",
+                    "chosen_is_terminal": i % 3 != 0, "rejected_is_terminal": i % 2 == 0, "stage": "intervened",
+                    "method": "ipo_math", "generator_model": "gen-a", "created_at": EPOCH, "extra": "{}",
+                    "status": "ok", "error": None})
+    return {"main": pa.Table.from_pylist(out)}
+
+
+def test_intervention_corrected_solutions_become_sft_rows(tmp_path):
+    """Intervention's chosen sides that end the answer are its corrected solutions; pairs with a non-terminal
+    side go to the `-steps` config, the rest stay conversational/standard."""
+    d = tmp_path / "run"
+    _run(StageSpec("intervention", StageConfig, _intervention, "prompts", {"main": "pairs"}, needs_backend=False),
+         StageConfig(), d, n=6)
+    res = export_run(d, tmp_path / "out")
+    by = {c.name: c for c in res.configs}
+    assert {n: (c.format, c.splits["train"]) for n, c in by.items()} == {
+        "intervention": ("standard", 2), "intervention-steps": ("step", 4), "intervention-sft": ("messages", 4)}
+    sft = _as_rows(_load(res.folder, "intervention-sft")["train"])
+    assert {r["prompt_id"]: r["messages"][-1]["content"] for r in sft} == {
+        f"p-{i}": f"Step 1: 2\nAnswer: {i}" for i in range(6) if i % 3 != 0}
+    assert {r["source"] for r in sft} == {"intervention:corrected"}
+    steps = _as_rows(_load(res.folder, "intervention-steps")["train"])
+    assert {(r["prompt"], r["chosen"]) for r in steps if r["prompt_id"] == "p-1"} == {
+        (prompts(6).column("prompt")[1].as_py() + "Step 1: 2\n", "Answer: 1")}
+
+
 def test_redact_blanks_secret_keys_only():
     cfg = {"hf_token": "hf_x", "max_tokens": 5, "rollout_max_tokens": 9, "token": "t", "nested":
            {"api_key": "k", "apikey": "k2", "password": "", "auth-token": None, "judge_model": "m"}, "list": [{"secret": 1}]}
@@ -459,6 +503,10 @@ def test_cli_option_errors_are_input_errors(tmp_path, run_dir):
     r = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "o"), "--test-fraction", "1.5"])
     assert isinstance(r.exception, InputError)
     assert str(r.exception).startswith("--test-fraction: Input should be less than 1")
+    r = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "o"), "--format", "chat"])
+    assert isinstance(r.exception, InputError)
+    assert str(r.exception).startswith("--format: Input should be 'auto', 'conversational' or 'standard'")
+    assert not (tmp_path / "o").exists()
     r = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "o"), "--stage", "tree-search"])
     assert r.exit_code == 0, r.output
     assert "tree-search: train 18 rows (5 not ok, left out)" in r.output
