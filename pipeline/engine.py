@@ -221,36 +221,32 @@ def read_input(path: str | Path, kind: str = "prompts") -> pa.Table:
     import pyarrow.parquet as pq
     try:
         return pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as e:
+    except (OSError, pa.ArrowException) as e:
         raise InputError(f"cannot read parquet (truncated or not parquet?): {e}", file=str(path)) from None
 
 
 def read_jsonl(path: Path) -> pa.Table:
     """JSON Lines into a table; errors name the line (1-based) and, for type clashes, the column."""
-    import json
+    from pipeline.jsonl import parse_record
 
     records = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"invalid UTF-8 at byte {e.start}", file=str(path), row=line_no) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"invalid JSON: {e.msg}", file=str(path), row=line_no) from None
-            if not isinstance(obj, dict):
-                raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=str(path),
-                                 row=line_no)
-            records.append(obj)
+    try:
+        raw_lines = Path(path).read_bytes().split(b"\n")
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", file=str(path)) from None
+    for line_no, raw in enumerate(raw_lines, 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"invalid UTF-8 at byte {e.start}", file=str(path), row=line_no) from None
+        if not text.strip():
+            continue
+        records.append(parse_record(text, str(path), line_no))
     if not records:
         raise InputError("empty file: no records", file=str(path))
     try:
         return pa.Table.from_pylist(records)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as e:
         for column in {k for r in records for k in r}:
             kinds = [type(r.get(column)).__name__ for r in records if r.get(column) is not None]
             for i, k in enumerate(kinds):
