@@ -389,8 +389,3 @@ class RunStore:
             os.unlink(probe)
         except OSError as e:
             raise InputError(f"cannot write the run directory: {e.strerror}", file=str(self.root)) from None
-
-
-def cast_to_schema(table: pa.Table, kind: str) -> pa.Table:
-    """Cast a table (e.g. from polars, with large_string columns) back to the declared schema of `kind`."""
-    return conform(table, kind)

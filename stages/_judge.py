@@ -211,52 +211,7 @@ def parse_text(text: str, *, min_words: int = 3, sources: Sequence[str] = (), ma
     return Parsed("ok", cleaned)
 
 
-_YES = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
-
-
-def parse_yes_no(text: str) -> Parsed:
-    """The first word yes/no (case-insensitive, leading punctuation ignored) -> True/False."""
-    m = _YES.match(text)
-    if not m:
-        return fail("unparsable", f"expected yes or no, got {text[:40]!r}")
-    return Parsed("ok", m.group(1).lower() == "yes")
-
-
-def parse_choice(text: str, choices: Sequence[str]) -> Parsed:
-    """The first of `choices` (whole word, case-insensitive) that the text starts with, after punctuation."""
-    alt = "|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True))
-    m = re.match(rf"^\W*({alt})\b", text, re.IGNORECASE)
-    if not m:
-        return fail("unparsable", f"expected one of {list(choices)}, got {text[:40]!r}")
-    canon = {c.lower(): c for c in choices}
-    return Parsed("ok", canon[m.group(1).lower()])
-
-
-_SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-def parse_score(text: str, lo: float = 1, hi: float = 10) -> Parsed:
-    """The last "Score: N" with lo <= N <= hi."""
-    hits = _SCORE.findall(text)
-    if not hits:
-        return fail("unparsable", f"no 'Score: N' in {text[:40]!r}")
-    v = float(hits[-1])
-    if not lo <= v <= hi:
-        return fail("out_of_range", f"score {v:g} outside {lo:g}..{hi:g}")
-    return Parsed("ok", v)
-
-
 # ------------------------------------------------------------------------------------- model helpers
-def run_judge(backend, prompts: list, parser: Callable[[str], Parsed], sampling,
-              prefixes: list[str] | None = None) -> list[Parsed]:
-    """One batched generation (or continuation after `prefixes`) per prompt, each parsed deterministically."""
-    if not prompts:
-        return []
-    outs = backend.continue_(prompts, prefixes, sampling, n=1) if prefixes else \
-        backend.generate(prompts, sampling, n=1)
-    return [parser(o[0].text) for o in outs]
-
-
 def generate_parsed(backend, prompts: list, parse: Callable[[int, str], Parsed],
                     sampling: Callable[[int], object], *, prefixes: list[str] | None = None,
                     max_attempts: int = 1) -> tuple[list[Parsed], list[int]]:

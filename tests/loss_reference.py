@@ -295,25 +295,6 @@ def list_loss_ref(x: dict, cfg: dict) -> float:
     return sum(per_list) / len(per_list)
 
 
-def step_scores_ref(rho: list, hidden: list, mask: list, ref_index: int = 0) -> list[list[float]]:
-    out = []
-    for b in range(len(rho)):
-        row = []
-        for n in range(len(rho[b])):
-            num = den = 0.0
-            for k in range(len(rho[b][n])):
-                if not mask[b][n][k]:
-                    continue
-                u, v = hidden[b][n][k], hidden[b][ref_index][k]
-                norm = math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(w * w for w in v))
-                cos = sum(a * w for a, w in zip(u, v)) / norm
-                num += (1 + cos) * rho[b][n][k]
-                den += 1 + cos
-            row.append(num / den)
-        out.append(row)
-    return out
-
-
 # ---------------------------------------------------------------- gradients
 
 def fd_grad(f: Callable[[dict], float], x: dict, key: str, h: float = 1e-5) -> list:

@@ -24,10 +24,9 @@ from pipeline.train.losses import (
     list_loss,
     pair_loss,
     rationale_loss,
-    tpo_step_scores,
 )
 from pipeline.train.losses.margins import length_desensitized
-from tests.loss_reference import LN2, fd_grad, freeze, list_loss_ref, pair_loss_ref, step_scores_ref
+from tests.loss_reference import LN2, fd_grad, freeze, list_loss_ref, pair_loss_ref
 
 TOL = 1e-5
 SIZES = (1, 3, 7)
@@ -653,23 +652,6 @@ def test_list_shape_errors():
         list_loss(ListBatch(t["pol"], t["ref"], t["tok"], t["score"], t["mask"][:, :2]), ListLossConfig())
     with pytest.raises(InputError, match="ref_logps"):
         list_loss(ListBatch(t["pol"], None, t["tok"], t["score"], t["mask"]), ListLossConfig())
-
-
-def test_tpo_step_scores_match_reference():
-    g = torch.Generator().manual_seed(46)
-    rho = torch.randn(2, 3, 4, generator=g)
-    hidden = torch.randn(2, 3, 4, 6, generator=g)
-    mask = torch.ones(2, 3, 4, dtype=torch.bool)
-    mask[0, 1, 3] = False
-    mask[1, 2, 2:] = False
-    rho_leaf = rho.clone().requires_grad_(True)
-    s = tpo_step_scores(rho_leaf, hidden, mask)
-    want = torch.tensor(step_scores_ref(rho.double().tolist(), hidden.double().tolist(), mask.tolist()),
-                        dtype=torch.float64)
-    assert torch.allclose(s.double(), want, atol=TOL, rtol=0)
-    # Scores are linear in ρ̄ with the (detached) normalised weights as coefficients.
-    (grad,) = torch.autograd.grad(s.sum(), rho_leaf)
-    assert torch.allclose(grad.sum(-1), torch.ones(2, 3), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- TRL parity (opt-in)

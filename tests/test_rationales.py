@@ -116,8 +116,7 @@ def test_stance_scores(text, want):
 
 
 def test_text_helpers():
-    from stages._judge import (dedupe_repeats, is_refusal, ngram_copy_ratio, parse_bullets, parse_choice,
-                               parse_score, parse_yes_no)
+    from stages._judge import dedupe_repeats, is_refusal, ngram_copy_ratio, parse_bullets
     assert dedupe_repeats("Dress Smart:\n\nDress Smart:\n\nDress Smart:") == ("Dress Smart:", 2)
     assert dedupe_repeats("It is good. It is good. Also fast.") == ("It is good. Also fast.", 1)
     assert parse_bullets("- one thing here\n2. second item ok\n- one thing here\nx\n(3) third one") == \
@@ -125,11 +124,6 @@ def test_text_helpers():
     assert ngram_copy_ratio("a b c d e", ["x a b c d y"]) == 0.5     # 1 of the 2 4-grams is copied
     assert ngram_copy_ratio("a b", ["a b"]) == 0.0                   # no 4-gram at all
     assert is_refusal("I'm sorry, but I can't do that.") and not is_refusal("Sorry to hear that; here is how.")
-    assert parse_yes_no(" Yes, it does.").value is True and parse_yes_no("no.").value is False
-    assert parse_yes_no("maybe").error == "unparsable: expected yes or no, got 'maybe'"
-    assert parse_choice("(b) because", ["A", "B"]).value == "B"
-    assert parse_score("Score: 3 ... final Score: 7").value == 7.0
-    assert parse_score("Score: 11").error == "out_of_range: score 11 outside 1..10"
 
 
 def test_yes_probability_is_a_two_way_softmax_in_one_call():

@@ -176,20 +176,3 @@ def list_loss(batch: ListBatch, cfg: ListLossConfig, *,
                    "rewards/accuracies": (best >= top_model).to(ratio.dtype).mean(),
                    "rewards/margins": (best - worst).mean()}
     return per_list.sum() / n_items, metrics
-
-
-def tpo_step_scores(step_logratio_means: Tensor, step_hidden_means: Tensor, step_mask: Tensor,
-                    reference_index: int = 0) -> Tensor:
-    """TPO adaptive step reward: s_n = Σ_k w_nk·ρ̄_nk / Σ_k w_nk with w_nk = 1 + cos(h̄_nk, h̄_{ref,k}).
-
-    Shapes: ρ̄ [B, K, S] (per-step mean token log-ratios), h̄ [B, K, S, H] (per-step mean hidden states),
-    step_mask [B, K, S]; `reference_index` is the top-ranked (gold) response. The weights carry no gradient:
-    they re-weight steps, they are not a training target.
-    """
-    with torch.no_grad():
-        reference = step_hidden_means[:, reference_index: reference_index + 1]
-        weights = 1.0 + F.cosine_similarity(step_hidden_means, reference.expand_as(step_hidden_means), dim=-1)
-        weights = weights.to(step_logratio_means.dtype).masked_fill(~step_mask, 0.0)
-    numerator = torch.where(step_mask, weights * step_logratio_means, torch.zeros_like(step_logratio_means)).sum(-1)
-    # Opposite-direction steps have weight 0; the clamp keeps an all-zero row finite (its score is then 0).
-    return numerator / weights.sum(-1).clamp(min=1e-12)

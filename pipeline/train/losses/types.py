@@ -90,7 +90,7 @@ class ListBatch:
     scores: Tensor
     mask: Tensor
     response_scores: Tensor | None = None
-    """TPO only: precomputed response scores s_n (e.g. from `tpo_step_scores`, the adaptive step reward). When
+    """TPO only: precomputed response scores s_n (e.g. TPO's adaptive step reward). When
     None TPO uses the per-token mean log-ratio (policy - ref) / tokens."""
 
 
