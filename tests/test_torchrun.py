@@ -126,3 +126,12 @@ def test_resume_refuses_another_config(reference, tmp_path):
 
 if __name__ == "__main__":
     worker(*sys.argv[1:4])
+
+
+def test_coupled_losses_are_named_when_ranks_split_the_batch(tmp_path):
+    from pipeline.distributed.ddp import coupling_note
+
+    coupled = _config(tmp_path / "d.parquet", tmp_path / "o", "ddp", loss={"loss_type": ["aot", "sigmoid"]})
+    assert coupling_note(coupled, 2).startswith("aot couple(s) the pairs of a batch: with 2 ranks")
+    assert coupling_note(coupled, 1) is None
+    assert coupling_note(_config(tmp_path / "d.parquet", tmp_path / "o", "ddp"), 2) is None

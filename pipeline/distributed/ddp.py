@@ -39,6 +39,16 @@ def distributed_mode(cfg) -> str:
     return mode
 
 
+def coupling_note(cfg, world: int) -> str | None:
+    """What the module docstring's limit means for this config: the loss terms that see each rank's own
+    micro-batches instead of the whole batch (None when nothing is coupled or there is one rank)."""
+    coupled = cfg.loss.batch_coupled() if world > 1 else []
+    if not coupled:
+        return None
+    return (f"{', '.join(coupled)} couple(s) the pairs of a batch: with {world} ranks each computes it on its own "
+            f"micro-batches, so the run is not the single-process trajectory")
+
+
 def init_process_group(device: torch.device) -> tuple[int, int, int]:
     """(rank, world size, local rank), from torchrun's environment; one process when launched without it."""
     if not dist.is_initialized():
@@ -107,7 +117,8 @@ def _rank0_first(rank: int):
 
 
 class DistributedTrainer(Trainer):
-    """`Trainer` whose steps are split over the ranks of a torchrun job (built by pipeline/train/launch.make_trainer)."""
+    """`Trainer` whose steps are split over the ranks of a torchrun job (pipeline/train/launch.make_trainer builds
+    it)."""
 
     def __init__(self, cfg, model=None, tokenizer=None, ref_model=None):
         super().__init__(cfg, model=model, tokenizer=tokenizer, ref_model=ref_model)
@@ -123,6 +134,8 @@ class DistributedTrainer(Trainer):
         if cfg.grad_accum % self.world:
             log.warning("grad_accum %d is not a multiple of the world size %d: some ranks idle on part of each "
                         "step", cfg.grad_accum, self.world)
+        if note := coupling_note(cfg, self.world):
+            log.warning(note)
 
     def setup(self) -> None:
         with _rank0_first(self.rank):
