@@ -6,8 +6,8 @@
 --write replaces the text between the two marker lines of the README (MARK_START / MARK_END) with the table, so
 `tests/test_docs.py` can check that the committed README equals what this script makes from the committed summary.
 One row per evaluated model (base first, then the arms in the run config's order), with its accuracy and 95 %
-Wilson interval and its paired difference against base; then every other paired comparison the report made
-(against the baseline and control arms), one line each.
+Wilson interval and its paired difference against base; then the treatment's paired comparisons with the
+baseline and control arms, one line each; then the report's plain-language findings (summary["headline"]).
 """
 from __future__ import annotations
 
@@ -51,11 +51,15 @@ def table(summary: dict) -> str:
         d = deltas.get(f"{label} vs base")
         lines.append(f"| {_model_cell(label, train)} | {e['role']} | {_num(100 * e['accuracy'])} % "
                      f"[{_num(100 * e['ci_low'])}, {_num(100 * e['ci_high'])}] | {_delta(d) if d else ''} |")
-    others = [(k, d) for k, d in deltas.items() if not k.endswith(" vs base")]
+    treated = {label for label, e in evals.items() if e["role"] == "treatment"}
+    others = [(k, d) for k, d in deltas.items() if k.split(" vs ")[0] in treated and not k.endswith(" vs base")]
     if others:
-        lines += ["", "Paired differences between arms (pp, bootstrap 95 % CI over the same problems):", ""]
+        lines += ["", "The treatment against the other arms (pp, paired bootstrap 95 % CI over the same problems):", ""]
         lines += [f"- {k}: {_delta(d)}" for k, d in others]
     lines += ["", f"Greedy accuracy on {n:,} eval problems the training never saw."]
+    sentences = (summary.get("headline") or {}).get("sentences") or []
+    if sentences:  # the report's own plain-language findings, written from the same numbers
+        lines += ["", " ".join(sentences)]
     return "\n".join(lines)
 
 
