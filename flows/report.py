@@ -16,6 +16,7 @@ from flows.paths import model_labels, run_dir
 from pipeline.agreement import label_agreement
 from pipeline.store import RunStore, atomic_write_bytes
 from schemas.errors import InputError
+from stages.tree.quality import quality_report
 
 
 def paired_delta(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
@@ -109,6 +110,9 @@ def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
             info["methods"] = {k: methods.count(k) for k in sorted(set(map(str, methods)))}
         if "trees" in m["outputs"] and st.num_rows("trees"):
             info["trees"] = _tree_stats(st.read("trees"))
+        if "trees" in m["outputs"] and info.get("margins") is not None and st.num_rows("trees"):
+            # the pairs re-verified from their texts against the stored trees' tasks (stages/tree/quality.py)
+            info["quality"] = quality_report(st.read(), st.read("trees"))
         if s.stage in FULL_SOLUTION_STAGES and info.get("margins") is not None:
             problems = _task_problems(cfg) if problems is None else problems
             agreement = problems and _verifier_agreement(problems, st.read(columns=list(AGREEMENT_COLUMNS)))
