@@ -181,15 +181,16 @@ def arm_fields(cfg: RunConfig, arm: TrainArm, data: str, output_dir: str) -> dic
 
 
 def _check_task(t: TaskInput, loc: tuple, file: str) -> None:
-    """`overrides` are fields of the bundled task's TaskConfig: an unknown one would be dropped silently."""
-    from pipeline.tasks.arith import TaskConfig
+    """`overrides` are fields of the bundled task's settings model: an unknown one would be dropped silently."""
+    from pipeline.tasks.registry import get_task
 
-    unknown = sorted(set(t.overrides) - set(TaskConfig.model_fields))
+    arith = get_task("arith", preset=t.preset)
+    model = type(arith.config)
+    unknown = sorted(set(t.overrides) - set(model.model_fields))
     if unknown:
-        raise InputError(f"unknown task option {unknown[0]!r}; known: {', '.join(TaskConfig.model_fields)}",
+        raise InputError(f"unknown task option {unknown[0]!r}; known: {', '.join(model.model_fields)}",
                          file=file, column=dotted((*loc, "overrides", unknown[0])))
-    base = TaskConfig.tiny() if t.preset == "tiny" else TaskConfig()
-    validate(TaskConfig, {**base.model_dump(), **t.overrides}, file=file, prefix=(*loc, "overrides"),
+    validate(model, {**arith.config.model_dump(), **t.overrides}, file=file, prefix=(*loc, "overrides"),
              what="task options")
 
 
