@@ -70,7 +70,9 @@ class MiningConfig(BaseModel):
 
     step_pairs: Literal["auto", "first_wrong_step", "prism_sibling", "value_gap", "none"] = Field(
         "auto", description="step-level sibling pairs. auto: first_wrong_step when the task has a step "
-                            "verifier, else prism_sibling (mcts) or value_gap (best_first)")
+                            "verifier, else prism_sibling (mcts) or value_gap (best_first). first_wrong_step "
+                            "on a task without one labels steps by rollouts (right: a rollout from it reached "
+                            "the gold; budget: `rollouts`)")
     terminal_pairs: bool = Field(True, description="PRISM terminal mode: right vs wrong full responses")
     list_pairs: bool = Field(True, description="tpo_list trees: a (best, worst) pair per list (TPO's DPO baseline)")
     v_threshold: float = Field(0.4, ge=0, description="PRISM: min Q gap of a sibling pair; a wrong terminal has "

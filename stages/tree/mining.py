@@ -156,14 +156,23 @@ class _Miner:
             out.append((prefix, uniq))
         return out
 
+    def step_ok(self, node: Node) -> bool | None:
+        """A node's step label: the task's exact step check where it has one; else (pipeline/tasks/rollouts.py,
+        Math-Shepherd's hard estimate) right when a rollout from it reached a right answer, None when it has no
+        rollouts (terminal nodes keep their answer check)."""
+        if node.correct is not None or self.task.has_step_verifier or node.rollout_success is None:
+            return node.correct
+        return node.rollout_success > 0
+
     def first_wrong_step_pairs(self) -> list[dict]:
         out = []
+        labels = {} if self.task.has_step_verifier else {"step_label": "rollout"}
         for prefix, kids in self.sibling_groups():
             parent = self.tree.parent(kids[0])
-            if parent.parent_id is not None and not parent.correct:
+            if parent.parent_id is not None and not self.step_ok(parent):
                 continue  # the prefix itself is wrong: the wrong step here is not the first one
-            wrong = [k for k in kids if k.correct is False and (self.cfg.step_rejected == "any" or k.greedy)]
-            right, extra = [k for k in kids if k.correct], {}
+            wrong = [k for k in kids if self.step_ok(k) is False and (self.cfg.step_rejected == "any" or k.greedy)]
+            right, extra = [k for k in kids if self.step_ok(k)], dict(labels)
             gold = self.gold_child(parent, kids) if not right and wrong and self.gold_fallback else None
             if gold is not None:
                 right, extra = [gold], {"chosen_source": "gold"}
