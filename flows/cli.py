@@ -23,7 +23,9 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
             # need more than Prefect's default 20 s.
             os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            from flows import quiet_errors
             from flows.flow import prefpipe_flow
+            quiet_errors.install()  # an input error under Prefect: the error line, no traceback before it
             out = prefpipe_flow(str(config.resolve()))
         else:
             from flows.flow import run_local
