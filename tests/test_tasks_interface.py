@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.backends.base import Completion
@@ -130,10 +131,7 @@ def test_prompts_task_accepted_where_no_gold_is_needed(tmp_path):
 
     cfg, base = load_run_config(_config(tmp_path, "prompts", {"stage": "tree-search",
                                                               "config": {"value_fn": "logprob"}}))
-    rows = pa.parquet.read_table(prepare_inputs(cfg, base)).to_pylist() if hasattr(pa, "parquet") else None
-    if rows is None:
-        import pyarrow.parquet as pq
-        rows = pq.read_table(prepare_inputs(cfg, base)).to_pylist()
+    rows = pq.read_table(prepare_inputs(cfg, base)).to_pylist()
     assert [r["prompt"] for r in rows] == ["Write a haiku.", "Name a color."]
     assert [json.loads(r["meta"])["task"] for r in rows] == ["prompts", "prompts"]
 
@@ -141,7 +139,6 @@ def test_prompts_task_accepted_where_no_gold_is_needed(tmp_path):
 def test_gym_inputs_from_a_run_config(tmp_path):
     from flows.config import load_run_config
     from flows.steps import prepare_inputs
-    import pyarrow.parquet as pq
 
     cfg = {"name": "g", "output_dir": str(tmp_path / "run"), "report": False,
            "inputs": {"task": "reasoning-gym:chain_sum", "size": 6, "seed": 1, "limit": 4,
