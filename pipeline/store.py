@@ -378,14 +378,18 @@ class RunStore:
         return names
 
     def check_writable(self) -> None:
-        """The run directory is a folder this process can write (created if missing). Called before any work
-        (a model load) starts, so `-o FILE` or a read-only place fails at once."""
+        """The run directory is, or can be made, a folder this process can write. Called before any work (a
+        model load) starts, so `-o FILE` or a read-only place fails at once; creates nothing (a probe file in
+        the nearest existing folder comes and goes)."""
         if self.root.exists() and not self.root.is_dir():
             raise InputError("the run directory is a file, not a folder", file=str(self.root))
+        existing = next(p for p in [self.root, *self.root.absolute().parents] if p.exists())
+        if not existing.is_dir():
+            raise InputError(f"cannot make the run directory: {existing} is a file", file=str(self.root))
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=self.root)
+            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=existing)
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            raise InputError(f"cannot write the run directory: {e.strerror}", file=str(self.root)) from None
+            raise InputError(f"cannot write the run directory: {e.strerror} ({existing})",
+                             file=str(self.root)) from None
