@@ -217,8 +217,11 @@ def test_read_table_folder_keeps_ok_rows(tmp_path):
     pq.write_table(t.slice(0, 2), tmp_path / "part-00000.parquet")
     pq.write_table(t.slice(2), tmp_path / "part-00001.parquet")
     pq.write_table(t.slice(2), tmp_path / "part-00002.parquet")  # an orphan shard no manifest lists
-    shards = {str(i): {"files": {"main": f"part-{i:05d}.parquet"}, "rows": {"main": 1}} for i in range(2)}
-    (tmp_path / "manifest.json").write_text(json.dumps({"outputs": {"main": "raw"}, "shards": shards}))
+    shards = {str(i): {"files": {"main": f"part-{i:05d}.parquet"}, "rows": {"main": 1}, "input_digest": "-"}
+              for i in range(2)}  # a manifest of the run store's shape (pipeline/store.py check_manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": 1, "fingerprint": "-", "outputs": {"main": "raw"}, "shard_size": 2, "n_input_rows": 4,
+        "shards": shards, "complete": True}))
     got = read_table(tmp_path)
     assert got["prompt"].to_pylist() == ["a", "c"]
     with pytest.raises(InputError, match="no such file"):
