@@ -91,11 +91,21 @@ PAIRS = pa.schema([
     *_STATUS,
 ])
 
+# The scale a row's scores are on: the lowest and highest value its method can give (e.g. [0, 1] for a
+# verifier's share of right steps, [-1, 1] for MCTS Q values). Null: not declared (consumers then assume their
+# own default). A pair table carries the same two columns as its `score_range` group (schemas/pairs.py).
+SCORE_MIN, SCORE_MAX = "score_min", "score_max"
+SCORE_RANGE = [
+    _f(SCORE_MIN, pa.float64()),
+    _f(SCORE_MAX, pa.float64()),
+]
+
 RANKED_LISTS = pa.schema([
     _f("prompt_id", pa.string(), False),
     _f("prompt", pa.string(), False),
     _f("responses", pa.list_(pa.string()), False),
     _f("scores", pa.list_(pa.float64()), False),
+    *SCORE_RANGE,
     _f("steps", pa.list_(pa.list_(pa.string()))),
     _f("method", pa.string(), False),
     _f("extra", pa.string(), False),

@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.errors import InputError
+from schemas.pairs import GROUPS, group_fields
+from schemas.score_range import check_score_range
 from schemas.tables import STATUS_VALUES, UNIQUE_KEY, schema_for
 
 MAX_PROBLEMS = 5
@@ -126,16 +128,9 @@ def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
         col = table.column(field.name)
         if pa.types.is_dictionary(field.type):
             field = field.with_type(_dictionary_fitting(col, field.type))
-        if col.type != field.type:
-            bad_row = _first_true(pc.is_valid(col)) if len(col) else None
-            if not _compatible(col.type, field.type):
-                problems.add(bad_row, field.name, f"wrong type {col.type}, expected {field.type}")
-                continue
-            try:
-                col = _cast_struct_fill(col, field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-                problems.add(bad_row, field.name, f"cannot convert {col.type} to {field.type}: {e}")
-                continue
+        col = _cast_declared(col, field, problems)
+        if col is None:
+            continue
         cols.append(col)
         fields.append(field)
     if missing:
@@ -143,11 +138,29 @@ def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
                          f"has {table.column_names})", file=file, column=missing[0])
     problems.raise_if_any()
     declared = {f.name for f in schema}
+    optional = {f.name: f for f in group_fields(tuple(GROUPS))} if kind == "pairs" else {}
     for name in table.column_names:
-        if name not in declared:
-            cols.append(table.column(name))
-            fields.append(table.schema.field(name))
+        if name not in declared:  # a pair column group's column keeps its declared type (schemas/pairs.py)
+            field = optional.get(name, table.schema.field(name))
+            cols.append(_cast_declared(table.column(name), field, problems))
+            fields.append(field)
+    problems.raise_if_any()
     return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def _cast_declared(col: pa.ChunkedArray, field: pa.Field, problems: _Problems) -> pa.ChunkedArray | None:
+    """`col` in `field`'s type, or None after recording why it cannot be."""
+    if col.type == field.type:
+        return col
+    bad_row = _first_true(pc.is_valid(col)) if len(col) else None
+    if not _compatible(col.type, field.type):
+        problems.add(bad_row, field.name, f"wrong type {col.type}, expected {field.type}")
+        return None
+    try:
+        return _cast_struct_fill(col, field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        problems.add(bad_row, field.name, f"cannot convert {col.type} to {field.type}: {e}")
+        return None
 
 
 def _check_nulls(table: pa.Table, kind: str, problems: _Problems) -> None:
@@ -342,6 +355,7 @@ def validate(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table
         check_trees(table, problems)
     if kind == "pairs":
         check_pair_invariants(table, problems)
+    check_score_range(table, kind, problems)
     if kind == "lists":
         _check_lists(table, problems)
     problems.raise_if_any()

@@ -47,7 +47,8 @@ from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
 from pipeline.models import REPO_ROOT
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table
+from schemas.pairs import make_pairs
+from stages._common import now_utc, pair_id
 from stages._judge import (Parsed, calibrate, dedupe_repeats, fail, generate_parsed, is_refusal, jaccard, ngram_copy_ratio,
                            parse_bullets, parse_text, words, yes_probability)
 from schemas.tables import GENERATIONS
@@ -559,6 +560,7 @@ def pair_rows(rows: list[Row], cfg: DeliberationConfig, ctx: StageContext, model
                 margin = best["score"] - b["viol_selected"]
                 row.update(rejected_cot=cot, rejected=rejected, belief=best["belief"], viol_rejected=best["score"],
                            chosen_score=1 - b["viol_selected"], rejected_score=1 - best["score"],
+                           score_min=0.0, score_max=1.0,  # 1 - a violation probability
                            score_margin=(1 - b["viol_selected"]) - (1 - best["score"]))
                 if rejected == row["chosen"]:
                     row["error"] = "identical: chosen and rejected are the same text"
@@ -569,7 +571,7 @@ def pair_rows(rows: list[Row], cfg: DeliberationConfig, ctx: StageContext, model
                     row["status"], row["error"] = "ok", None
                     row["pair_id"] = pair_id(STAGE, r.pid, row["chosen"], rejected)
         out.append(row)
-    return pairs_table(out, PAIR_FIELDS)
+    return make_pairs(out, ("score_range",), PAIR_FIELDS)
 
 
 def _check_input(rows: pa.Table) -> None:

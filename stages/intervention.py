@@ -42,7 +42,8 @@ from pydantic import Field, model_validator
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table, task_item
+from schemas.pairs import make_pairs
+from stages._common import now_utc, pair_id, task_item
 
 STAGE = "intervened"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,8 @@ STAGE_FIELDS = [
     pa.field("pair_kind", pa.string()),             # intervention | over_refusal | correction
     pa.field("divergence_char", pa.int32()),
     pa.field("divergence_token", pa.int32()),
-    pa.field("compliance_cue", pa.string()),        # the replaced unit (a cue sentence or a wrong step line)
+    pa.field("compliance_cue", pa.string()),        # safety: the replaced compliance-cue sentence
+    pa.field("wrong_line", pa.string()),            # math: the replaced wrong step line
     pa.field("trigger_id", pa.string()),
     pa.field("trigger_text", pa.string()),          # the substituted text (a trigger or the corrected line)
     pa.field("n_interventions", pa.int16()),
@@ -68,15 +70,17 @@ STAGE_FIELDS = [
     pa.field("detector_model", pa.string()),
     pa.field("wrong_step", pa.int16()),             # math: 1-based first wrong step (n_steps + 1 = answer line)
     pa.field("chosen_verified", pa.bool_()),        # math: chosen passes the step verifier
-    pa.field("chosen_is_terminal", pa.bool_()),     # math: false for a side that stops mid-solution (the trainer
-    pa.field("rejected_is_terminal", pa.bool_()),   # then adds no EOS after it, as for tree step pairs)
     pa.field("sample_index", pa.int16()),
-    pa.field("meta", pa.string()),                  # the task record, carried so later stages can verify
 ]
+# step: shared_prefix + terminal flags (math: a rejected that stops after a wrong step line is non-terminal, so
+# the trainer adds no EOS after it, as for tree step pairs); verification: `meta`, carried so later stages can
+# verify; score_range: math scores are the verifier's 0/1.
+GROUPS = ("step", "verification", "score_range")
 
 
 class InterventionConfig(StageConfig):
-    version: ClassVar[str] = "2"  # 2: chosen/rejected_is_terminal (no EOS after a rejected line mid-solution)
+    version: ClassVar[str] = "3"  # 2: chosen/rejected_is_terminal (no EOS after a rejected line mid-solution)
+    # 3: math mode writes the wrong line to `wrong_line` (compliance_cue is safety only); score_min/score_max
 
     mode: Literal["math_correction", "safety_trigger"] = Field(
         "math_correction", description="math_correction: replace the first wrong step by the right one (bundled "
@@ -487,17 +491,18 @@ def _trajectory_row(t: Trajectory, r: dict, cfg, backend, ctx, created, patterns
     seen.add(pid)
     row.update(pair_id=pid, chosen=t.chosen, rejected=rejected, shared_prefix=t.prefix or None, status="ok",
                pair_kind="correction" if cfg.mode == "math_correction" else "intervention",
-               divergence_char=t.start, compliance_cue=t.wrong, trigger_id=t.trigger_id,
+               divergence_char=t.start, trigger_id=t.trigger_id,
                trigger_text=t.substitute, n_interventions=t.n_interventions, wrong_step=t.wrong_step,
                chosen_verified=t.verified, extra={"divergence_fraction": t.start / max(1, len(t.text))})
     if cfg.mode == "math_correction":
         # prefix + the wrong line stops mid-solution unless that line is the answer line (its correction is the
         # `Answer:` line, as in _math_locate) or the remainder is kept
-        row.update(chosen_score=1.0 if t.verified else 0.0, rejected_score=0.0,
-                   score_margin=(1.0 if t.verified else 0.0), chosen_is_terminal=True,
+        row.update(chosen_score=1.0 if t.verified else 0.0, rejected_score=0.0, score_min=0.0, score_max=1.0,
+                   score_margin=(1.0 if t.verified else 0.0), chosen_is_terminal=True, wrong_line=t.wrong,
                    rejected_is_terminal=cfg.rejected_keep_remainder or t.substitute.startswith("Answer:")
                    or t.wrong_is_last)
     else:
+        row["compliance_cue"] = t.wrong
         row["rejected_reasoning_harmful"], row["rejected_answer_harmful"] = _harmful(t.text, patterns)
         row["chosen_reasoning_harmful"], row["chosen_answer_harmful"] = _harmful(t.chosen[len(t.prefix):], patterns)
     return row
@@ -528,4 +533,4 @@ def run(rows: pa.Table, cfg: InterventionConfig, backend, ctx: StageContext) -> 
                         "rejected": rejected, "status": "ok", "n_interventions": 0,
                         "extra": {"refusal_sample": bad}})
     ctx.progress(rows.num_rows)
-    return {"main": pairs_table(out, STAGE_FIELDS)}
+    return {"main": make_pairs(out, GROUPS, STAGE_FIELDS)}

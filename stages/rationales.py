@@ -35,6 +35,7 @@ from pipeline.backends.base import SamplingParams
 from pipeline.config_io import NonEmptyStr
 from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
+from schemas.pairs import group_fields
 from stages._common import now_utc, pair_id
 from stages._judge import Parsed, argued_for, fail, generate_parsed, parse_text, words
 
@@ -53,9 +54,9 @@ TRAIN_TEMPLATE = ("Given the prompt:\n{prompt}\nWhich of the following assistant
                   "and strictly follows the prompt question?\nResponse A: \"{a}\"\nor\nResponse B: \"{b}\"?")
 LEAD = "Response {preferred} is better because"
 
-STAGE_FIELDS = [
-    pa.field("rationale", pa.string()),
-    pa.field("rationale_prompt", pa.string()),
+# The pair contract's `rationale` group (rationale + rationale_prompt: what the trainer reads), then this stage's
+# own columns. The input table's columns, every other group included, pass through unchanged.
+STAGE_FIELDS = group_fields(("rationale",)) + [
     pa.field("rationale_style", pa.string()),
     pa.field("rationale_template_id", pa.string()),
     pa.field("rationale_model", pa.string()),

@@ -15,7 +15,12 @@ fine-score filter, non-ok input rows), so the run summary counts them. Ties are 
 two rows carry the same system prompt with opposite labels (the reference code keeps them: `drop_score_ties=False`).
 
 Scores come from a pluggable `score_source`:
-- `columns`  the input's `chosen_score`/`rejected_score` (e.g. UltraFeedback overall scores, 1-10); no model.
+- `columns`  the input's `chosen_score`/`rejected_score`; no model. Their scale is the source's declared range
+             (`score_range` in the config, else the row's `score_min`/`score_max`, e.g. [0, 1] for verifier step
+             pairs, [-1, 1] for MCTS Q values, else the template's own 1-10, as UltraFeedback's overall scores),
+             mapped linearly onto 1-10 and rounded to `goal_decimals`. A score outside its declared range is
+             refused (InputError naming the pair and the column): printing a raw 0 or -0.4 into a "scale of
+             1-10" template asks the model for a goal the template never defines.
 - `verifier` the bundled task's verifier on each response (`meta` column): `verifier_correct_score` when right,
              else `verifier_wrong_score`; `verifier_mode="steps"` gives partial credit by the first wrong step.
 - `judge`    one judge generation per response (`JUDGE_TEMPLATE`, parsed "Score: N", 1-10); unparsable -> failed.
@@ -41,7 +46,8 @@ from pydantic import Field, model_validator
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table
+from schemas.pairs import SCORE_MAX, SCORE_MIN, carried, flip_sides, groups_of, make_pairs
+from stages._common import now_utc, pair_id
 
 STAGE = "reward_aug"
 RA_TEMPLATE = ("You are an assistant that generates responses for the instruction while implicitly achieving the "
@@ -50,6 +56,7 @@ RA_TEMPLATE = ("You are an assistant that generates responses for the instructio
 JUDGE_TEMPLATE = ("Rate how well the response answers the instruction, on a scale of 1-10 (1 is lowest, 10 is "
                   "highest).\n\nInstruction:\n{prompt}\n\nResponse:\n{response}\n\n"
                   "Reply with one line: Score: N")
+GOAL_SCALE = (1.0, 10.0)  # the template's "scale of 1-10"
 _JUDGE_SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 STAGE_FIELDS = [
@@ -62,14 +69,20 @@ STAGE_FIELDS = [
 
 
 class RewardRelabelConfig(StageConfig):
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: scores mapped from the source's declared range; groups carried through
 
     score_source: Literal["columns", "verifier", "judge", "logprob"] = Field(
         "columns", description="where the scores come from: input columns, the task verifier, a judge model, "
                                "or the model's mean token log-prob")
-    score_mapping: Literal["auto", "identity", "deciles"] = Field(
-        "auto", description="map raw scores to the 1-10 goal scale: identity, or decile bins over the shard; "
-                            "auto = deciles for logprob, identity otherwise")
+    score_mapping: Literal["auto", "range", "identity", "deciles"] = Field(
+        "auto", description="map raw scores to the 1-10 goal scale: range = linearly from the declared source "
+                            "range; identity = as they are (must lie in 1-10); deciles = rank bins over the "
+                            "shard; auto = deciles for logprob, range otherwise")
+    score_range: tuple[float, float] | None = Field(
+        None, description="columns source: the range [low, high] of the input scores, overriding the rows' "
+                          "score_min/score_max; None: the rows' declared range, else 1-10")
+    goal_decimals: int = Field(1, ge=0, le=6, description="decimals a goal mapped from another range is rounded "
+                                                          "to (it is printed into the template)")
     template: str = Field(RA_TEMPLATE, description="goal-conditioning text; {score} is the goal score")
     system_mode: Literal["system", "prepend"] = Field(
         "system", description="system: the template is the system prompt; prepend: template + blank line in front "
@@ -94,6 +107,15 @@ class RewardRelabelConfig(StageConfig):
     def _check(self) -> "RewardRelabelConfig":
         if "{score}" not in self.template:
             raise ValueError("template must contain {score}")
+        for name in ("verifier_correct_score", "verifier_wrong_score"):
+            if not GOAL_SCALE[0] <= getattr(self, name) <= GOAL_SCALE[1]:
+                raise ValueError(f"{name} {getattr(self, name):g} is off the template's 1-10 scale")
+        if self.score_range is not None:
+            if self.score_source != "columns":
+                raise ValueError("score_range declares the range of the input's score columns: it needs "
+                                 "score_source 'columns'")
+            if not self.score_range[0] < self.score_range[1]:
+                raise ValueError(f"score_range {list(self.score_range)}: low must be below high")
         return self
 
     def templates(self) -> dict[str, str]:
@@ -111,7 +133,7 @@ class RewardRelabelConfig(StageConfig):
     def mapping(self) -> str:
         if self.score_mapping != "auto":
             return self.score_mapping
-        return "deciles" if self.score_source == "logprob" else "identity"
+        return "deciles" if self.score_source == "logprob" else "range"
 
 
 def render_score(score: float) -> str:
@@ -134,14 +156,44 @@ def _required(rows: list[dict], column: str) -> None:
             raise InputError(f"score_source needs a non-null '{column}' (pair_id {r['pair_id']!r})", column=column)
 
 
-def _scores_from_columns(rows: list[dict]) -> tuple[list[float | None], list[float | None], list[str | None]]:
+def declared_range(row: dict, cfg: RewardRelabelConfig) -> tuple[tuple[float, float], str]:
+    """The range [low, high] a row's column scores are on, and who declared it (for error messages)."""
+    if cfg.mapping == "identity":
+        return GOAL_SCALE, "the template's 1-10 scale (score_mapping 'identity')"
+    if cfg.score_range is not None:
+        return (float(cfg.score_range[0]), float(cfg.score_range[1])), "the config's score_range"
+    lo, hi = row.get(SCORE_MIN), row.get(SCORE_MAX)
+    if lo is not None and hi is not None:
+        return (lo, hi), "the row's score_min/score_max"
+    return GOAL_SCALE, ("the template's 1-10 scale, as the row declares no other (give the source's range as "
+                        "score_min/score_max columns or the score_range option)")
+
+
+def to_goal_scale(score: float, low: float, high: float, decimals: int) -> float:
+    """`score` on [low, high] placed linearly on the template's 1-10; a score already on 1-10 is kept as is."""
+    if (low, high) == GOAL_SCALE:
+        return score
+    g_lo, g_hi = GOAL_SCALE
+    return round(g_lo + (g_hi - g_lo) * (score - low) / (high - low), decimals)
+
+
+def _scores_from_columns(rows: list[dict], cfg: RewardRelabelConfig):
     _required(rows, "chosen_score")
     _required(rows, "rejected_score")
+    cs, rs = [], []
     for r in rows:
-        for c in ("chosen_score", "rejected_score"):
+        (lo, hi), by = declared_range(r, cfg)
+        for c, out in (("chosen_score", cs), ("rejected_score", rs)):
             if not math.isfinite(r[c]):
                 raise InputError(f"score is {r[c]} (pair_id {r['pair_id']!r})", column=c)
-    return [r["chosen_score"] for r in rows], [r["rejected_score"] for r in rows], [None] * len(rows)
+            if cfg.mapping == "deciles":
+                out.append(r[c])
+                continue
+            if not lo <= r[c] <= hi:
+                raise InputError(f"score {r[c]:g} is outside [{lo:g}, {hi:g}], {by} (pair_id {r['pair_id']!r})",
+                                 column=c)
+            out.append(to_goal_scale(r[c], lo, hi, cfg.goal_decimals))
+    return cs, rs, [None] * len(rows)
 
 
 def _verifier_score(text: str, problem, cfg: RewardRelabelConfig) -> float:
@@ -237,7 +289,7 @@ def _score_backend(cfg: RewardRelabelConfig, backend):
 def score_pairs(rows: list[dict], cfg: RewardRelabelConfig, backend) -> tuple[list, list, list]:
     """(chosen scores, rejected scores, per-row error or None) on the 1-10 goal scale."""
     if cfg.score_source == "columns":
-        cs, rs, errs = _scores_from_columns(rows)
+        cs, rs, errs = _scores_from_columns(rows, cfg)
     elif cfg.score_source == "verifier":
         cs, rs, errs = _scores_from_verifier(rows, cfg)
     else:
@@ -290,20 +342,25 @@ def _conditioned(row: dict, goal: str, cfg: RewardRelabelConfig) -> dict:
 
 
 def relabeled_rows(row: dict, cs: float, rs: float, cfg: RewardRelabelConfig, ctx: StageContext,
-                   created) -> list[dict]:
-    """The two goal-conditioned rows (a) and (b) of one kept pair."""
+                   created, groups: tuple[str, ...] = ()) -> list[dict]:
+    """The two goal-conditioned rows (a) and (b) of one kept pair. The input's column `groups` are carried
+    onto both (a step pair keeps its shared_prefix and terminal flags), their per-side columns swapped on (b)."""
     out = []
+    kept = carried(row, groups)
+    source = {"source_range": list(declared_range(row, cfg)[0])} if cfg.score_source == "columns" else {}
     for k, (goal, flipped) in enumerate(((cs, False), (rs, True))):
         chosen, rejected = (row["rejected"], row["chosen"]) if flipped else (row["chosen"], row["rejected"])
         c_score, r_score = (rs, cs) if flipped else (cs, rs)
         cond = _conditioned(row, goal_text(cfg, goal), cfg)
         out.append({
-            **cond, "pair_id": pair_id(STAGE, row["prompt_id"], chosen, rejected, cond["system"]),
+            **(flip_sides(kept) if flipped else kept), **cond,
+            "pair_id": pair_id(STAGE, row["prompt_id"], chosen, rejected, cond["system"]),
             "prompt_id": row["prompt_id"], "chosen": chosen, "rejected": rejected,
             "stage": STAGE, "method": cfg.method, "chosen_score": c_score, "rejected_score": r_score,
             "score_margin": c_score - r_score, "generator_model": row.get("generator_model") or "unknown",
+            SCORE_MIN: GOAL_SCALE[0], SCORE_MAX: GOAL_SCALE[1],
             "judge_model": row.get("judge_model"), "iteration": row.get("iteration"), "created_at": created,
-            "extra": {"score_scale": "1-10", "mapping": cfg.mapping},
+            "extra": {"score_scale": "1-10", "mapping": cfg.mapping, **source},
             "row_key": ctx.row_key(row["pair_id"], k), "status": "ok",
             "goal_score": goal, "goal_side": "rejected" if flipped else "chosen", "flipped": flipped,
             "source_pair_id": row["pair_id"], "score_source": cfg.score_source,
@@ -312,8 +369,11 @@ def relabeled_rows(row: dict, cs: float, rs: float, cfg: RewardRelabelConfig, ct
 
 
 def _dropped_row(row: dict, reason: str, cs, rs, cfg: RewardRelabelConfig, ctx: StageContext, created,
-                 status: str = "filtered") -> dict:
-    return {"pair_id": ctx.row_key(row["pair_id"], 0), "prompt_id": row["prompt_id"], "prompt": row["prompt"],
+                 groups: tuple[str, ...], status: str = "filtered") -> dict:
+    scored = cs is not None and rs is not None  # then on the goal scale, as score_pairs returns them
+    return {**carried(row, groups), SCORE_MIN: GOAL_SCALE[0] if scored else None,
+            SCORE_MAX: GOAL_SCALE[1] if scored else None,
+            "pair_id": ctx.row_key(row["pair_id"], 0), "prompt_id": row["prompt_id"], "prompt": row["prompt"],
             "chosen": row["chosen"], "rejected": row["rejected"], "stage": STAGE, "method": cfg.method,
             "chosen_score": cs, "rejected_score": rs,
             "score_margin": cs - rs if cs is not None and rs is not None else None,
@@ -327,6 +387,7 @@ def _dropped_row(row: dict, reason: str, cs, rs, cfg: RewardRelabelConfig, ctx: 
 def run(rows: pa.Table, cfg: RewardRelabelConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
     """Reward-augmented relabeling: two goal-conditioned rows per pair, the second flipped (docs/stages.md)."""
     records = rows.to_pylist()
+    groups = groups_of(rows)  # every column group of the input is carried through; score_range is rewritten
     live = [r for r in records if r.get("status", "ok") == "ok"]
     cs, rs, errs = score_pairs(live, cfg, backend) if live else ([], [], [])
     scored = {r["pair_id"]: (c, s, e) for r, c, s, e in zip(live, cs, rs, errs)}
@@ -335,24 +396,25 @@ def run(rows: pa.Table, cfg: RewardRelabelConfig, backend, ctx: StageContext) ->
     seen: dict[str, str] = {}
     for r in records:
         if r["pair_id"] not in scored:
-            out.append(_dropped_row(r, f"input row has status {r.get('status')!r}", None, None, cfg, ctx, created))
+            out.append(_dropped_row(r, f"input row has status {r.get('status')!r}", None, None, cfg, ctx, created,
+                                    groups))
             continue
         c, s, err = scored[r["pair_id"]]
         if err is not None:
-            out.append(_dropped_row(r, err, c, s, cfg, ctx, created, status="failed"))
+            out.append(_dropped_row(r, err, c, s, cfg, ctx, created, groups, status="failed"))
             continue
         reason = drop_reason(r, c, s, cfg)
-        pair = relabeled_rows(r, c, s, cfg, ctx, created) if reason is None else []
+        pair = relabeled_rows(r, c, s, cfg, ctx, created, groups) if reason is None else []
         dup = next((seen[p["pair_id"]] for p in pair if p["pair_id"] in seen), None)
         if dup is not None:  # the same pair given twice under two input ids
             reason = f"duplicate of the pair with pair_id {dup!r}"
         if reason is not None:
-            out.append(_dropped_row(r, reason, c, s, cfg, ctx, created))
+            out.append(_dropped_row(r, reason, c, s, cfg, ctx, created, groups))
             continue
         seen.update({p["pair_id"]: r["pair_id"] for p in pair})
         out += pair
     ctx.progress(rows.num_rows)
-    return {"main": pairs_table(out, STAGE_FIELDS)}
+    return {"main": make_pairs(out, tuple(dict.fromkeys(groups + ("score_range",))), STAGE_FIELDS)}
 
 
 def as_pair_input(table: pa.Table, *, generator_model: str = "unknown") -> pa.Table:

@@ -15,10 +15,12 @@ from pydantic import Field
 
 from pipeline.backends.base import SamplingParams
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table, task_item
+from schemas.pairs import make_pairs
+from stages._common import now_utc, pair_id, task_item
 from schemas.errors import InputError
 
-STAGE_FIELDS = [pa.field("pair_type", pa.string()), pa.field("meta", pa.string())]
+# chosen has the right final answer and rejected a wrong one, scored 1/0 on a declared [0, 1] scale
+GROUPS = ("pair_type", "verification", "score_range")
 
 
 class SamplePairsConfig(StageConfig):
@@ -66,9 +68,10 @@ def run(rows: pa.Table, cfg: SamplePairsConfig, backend, ctx: StageContext) -> d
             pid = pair_id("sample", r["prompt_id"], c, w)
             out.append({"pair_id": pid, "prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": c,
                         "rejected": w, "stage": "sampled", "method": f"final_answer_{cfg.chosen_requires}",
-                        "chosen_score": 1.0, "rejected_score": 0.0, "score_margin": 1.0,
+                        "chosen_score": 1.0, "rejected_score": 0.0, "score_margin": 1.0, "score_min": 0.0,
+                        "score_max": 1.0, "chosen_correct": True, "rejected_correct": False,
                         "generator_model": ctx.model_id or "", "created_at": created,
                         "extra": {"n_right": len(right), "n_wrong": len(wrong), "n_distinct": len(texts)},
                         "row_key": ctx.row_key(r["prompt_id"], k), "status": "ok", "pair_type": "terminal",
                         "meta": r.get("meta")})
-    return {"main": pairs_table(out, STAGE_FIELDS)}
+    return {"main": make_pairs(out, GROUPS)}

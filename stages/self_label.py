@@ -31,7 +31,8 @@ from pydantic import Field
 from pipeline.agreement import label_agreement
 from pipeline.backends.base import SamplingParams
 from pipeline.stage import StageConfig, StageContext, register_stage
-from stages._common import now_utc, pair_id, pairs_table, task_item
+from schemas.pairs import make_pairs
+from stages._common import now_utc, pair_id, task_item
 
 STAGE = "self_label"
 STAGE_FIELDS = [
@@ -42,10 +43,10 @@ STAGE_FIELDS = [
     pa.field("judge_ref_ckpt", pa.string()),
     pa.field("selection_strategy", pa.string()),
     pa.field("low_confidence", pa.bool_()),
-    pa.field("chosen_correct", pa.bool_()),      # verifiable prompts only (a `meta` column), else null
-    pa.field("rejected_correct", pa.bool_()),
-    pa.field("meta", pa.string()),               # the task record, carried so later stages can verify
 ]
+# verification: chosen/rejected_correct on verifiable prompts (a `meta` column, carried so later stages can
+# verify), else null. No score_range: implicit rewards log π − log π_ref have no fixed scale.
+GROUPS = ("verification",)
 
 
 class SelfLabelConfig(StageConfig):
@@ -178,7 +179,7 @@ def run(rows: pa.Table, cfg: SelfLabelConfig, backend, ctx: StageContext) -> dic
     out = [label_row(r, p, t, w, cfg, ctx, models, created)
            for r, p, t, w in zip(records, problems, samples, rewards)]
     ctx.progress(rows.num_rows)
-    return {"main": pairs_table(out, STAGE_FIELDS)}
+    return {"main": make_pairs(out, GROUPS, STAGE_FIELDS)}
 
 
 # ------------------------------------------------------------------------------------------------- quality

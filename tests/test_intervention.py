@@ -95,19 +95,21 @@ def test_math_correction_gives_exactly_these_pairs(tmp_path):
         body = "\n".join(p.gold_steps) + "\n"
         expect += [
             dict(prompt_id=p.id, chosen=p.gold_solution, rejected=step1 + wrong2, shared_prefix=step1,
-                 divergence_char=len(step1), wrong_step=2, compliance_cue=wrong2, trigger_text=p.gold_steps[1]),
+                 divergence_char=len(step1), wrong_step=2, wrong_line=wrong2, trigger_text=p.gold_steps[1]),
             dict(prompt_id=p.id, chosen=p.gold_solution, rejected=body + f"Answer: {p.answer + 1}",
                  shared_prefix=body, divergence_char=len(body), wrong_step=p.n_steps + 1,
-                 compliance_cue=f"Answer: {p.answer + 1}", trigger_text=f"Answer: {p.answer}"),
+                 wrong_line=f"Answer: {p.answer + 1}", trigger_text=f"Answer: {p.answer}"),
         ]
     # The bad prompt keeps only its answer-line pair (no continuation there); its step-2 pair fails verification.
     p = probs[2]
     body = "\n".join(p.gold_steps) + "\n"
     expect.append(dict(prompt_id=p.id, chosen=p.gold_solution, rejected=body + f"Answer: {p.answer + 1}",
                        shared_prefix=body, divergence_char=len(body), wrong_step=p.n_steps + 1,
-                       compliance_cue=f"Answer: {p.answer + 1}", trigger_text=f"Answer: {p.answer}"))
+                       wrong_line=f"Answer: {p.answer + 1}", trigger_text=f"Answer: {p.answer}"))
     assert [{k: r[k] for k in expect[0]} for r in ok] == expect
     assert all(r["chosen_verified"] and r["pair_kind"] == "correction" and r["stage"] == "intervened" for r in ok)
+    # compliance_cue is the safety mode's column; math scores are the verifier's 0/1, declared as such
+    assert {(r["compliance_cue"], r["score_min"], r["score_max"]) for r in ok} == {(None, 0.0, 1.0)}
     # a rejected wrong step stops mid-solution (no EOS in training); a rejected answer line ends the response
     assert [(r["chosen_is_terminal"], r["rejected_is_terminal"]) for r in ok] == \
         [(True, False), (True, True), (True, False), (True, True), (True, True)]

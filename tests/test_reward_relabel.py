@@ -209,8 +209,8 @@ from stages.reward_relabel import RewardRelabelConfig, as_pair_input
 n = 90
 raw = pa.table({"prompt_id": [f"q{i}" for i in range(n)], "prompt": [f"question {i}" for i in range(n)],
                 "chosen": [f"good {i}" for i in range(n)], "rejected": [f"bad {i}" for i in range(n)],
-                "chosen_score": [float(i % 7 + 3) for i in range(n)],
-                "rejected_score": [float(i % 3) for i in range(n)]})
+                "chosen_score": [float(i % 6 + 4) for i in range(n)],
+                "rejected_score": [float(i % 3 + 1) for i in range(n)]})  # on the template's 1-10, no ties
 rows = as_pair_input(raw)
 rows = rows.set_column(rows.schema.get_field_index("created_at"), "created_at",
                        pa.array([0] * n, pa.timestamp("us", tz="UTC")))

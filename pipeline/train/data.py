@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import InputError
+from schemas.pairs import CHOSEN_IS_TERMINAL, RATIONALE, RATIONALE_PROMPT, REJECTED_IS_TERMINAL, SHARED_PREFIX
+from schemas.tables import SCORE_MAX, SCORE_MIN
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 LIST_COLUMNS = ("prompt", "responses", "scores")
@@ -142,8 +144,8 @@ def check_pairs(table: pa.Table, file: str | None = None, prefix_as_prompt: bool
     if table.num_rows == 0:
         raise InputError("empty pair table", file=file)
     _require(table, PAIR_COLUMNS, dict.fromkeys(PAIR_COLUMNS, "string"), file)
-    if prefix_as_prompt and "shared_prefix" not in table.column_names:
-        raise InputError("prefix_as_prompt needs a shared_prefix column", file=file, column="shared_prefix")
+    if prefix_as_prompt and SHARED_PREFIX not in table.column_names:
+        raise InputError(f"prefix_as_prompt needs a {SHARED_PREFIX} column", file=file, column=SHARED_PREFIX)
 
 
 def check_lists(table: pa.Table, file: str | None = None) -> None:
@@ -190,7 +192,7 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
+    score_range: tuple[float, float] | None = None  # lists: the scale their scores are declared on
     def num_tokens(self) -> int:
         return sum(len(p) * len(c) + sum(map(len, c)) for p, c in zip(self.prompts, self.completions))
 
@@ -198,7 +200,7 @@ class Encoded:
         """The groups at positions `keep` (same stats: they describe the encoding of the whole table)."""
         return Encoded(self.rows[keep], [self.prompts[i] for i in keep], [self.completions[i] for i in keep],
                        [self.scores[i] for i in keep] if self.scores is not None else None, self.stats,
-                       [self.extra[i] for i in keep] if self.extra is not None else None)
+                       [self.extra[i] for i in keep] if self.extra is not None else None, self.score_range)
 
 
 class PieceEncoder:
@@ -327,25 +329,24 @@ def encode_pairs(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
     enc = PieceEncoder(tokenizer)
     prompts = enc.prompts(_rendered_prompts(enc, table))
     if cfg.prefix_as_prompt:
-        prefix_text = [p or "" for p in table["shared_prefix"].to_pylist()]
+        prefix_text = [p or "" for p in table[SHARED_PREFIX].to_pylist()]
         chosen_text = _strip_prefix(prefix_text, table["chosen"].to_pylist(), file, "chosen")
         rejected_text = _strip_prefix(prefix_text, table["rejected"].to_pylist(), file, "rejected")
         prompts = [p + x for p, x in zip(prompts, enc.prefixes(prefix_text))]
     else:
         chosen_text, rejected_text = table["chosen"].to_pylist(), table["rejected"].to_pylist()
-    chosen = enc.completions_marked(chosen_text, _optional_flags(table, "chosen_is_terminal"), cfg.partial_eos,
+    chosen = enc.completions_marked(chosen_text, _optional_flags(table, CHOSEN_IS_TERMINAL), cfg.partial_eos,
                                     cfg.step_separator)
-    rejected = enc.completions_marked(rejected_text, _optional_flags(table, "rejected_is_terminal"),
+    rejected = enc.completions_marked(rejected_text, _optional_flags(table, REJECTED_IS_TERMINAL),
                                       cfg.partial_eos, cfg.step_separator)
     rejected_full = rejected
     if cfg.rejected_to_divergence:
         rejected = [cut_at_divergence(c, r) for c, r in zip(chosen, rejected)]
     extra = None
     if rationales:
-        _require(table, ("rationale", "rationale_prompt"), dict.fromkeys(("rationale", "rationale_prompt"), "string"),
-                 file)
-        rat_prompts = enc.prompts([enc.render_prompt(p) for p in table["rationale_prompt"].to_pylist()])
-        extra = list(zip(rat_prompts, enc.completions(table["rationale"].to_pylist())))
+        _require(table, (RATIONALE, RATIONALE_PROMPT), dict.fromkeys((RATIONALE, RATIONALE_PROMPT), "string"), file)
+        rat_prompts = enc.prompts([enc.render_prompt(p) for p in table[RATIONALE_PROMPT].to_pylist()])
+        extra = list(zip(rat_prompts, enc.completions(table[RATIONALE].to_pylist())))
     encoded = _assemble(table.num_rows, prompts, [list(cr) for cr in zip(chosen, rejected)], None, cfg, enc, extra)
     if cfg.rejected_to_divergence:
         encoded.stats.rejected_cut = sum(len(rejected[i]) < len(rejected_full[i]) for i in encoded.rows)
@@ -373,8 +374,8 @@ def encode_sft(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | None
     enc = PieceEncoder(tokenizer)
     prompts = enc.prompts(_rendered_prompts(enc, table))
     texts = table[target].to_pylist()
-    if cfg.prefix_as_prompt and "shared_prefix" in table.column_names:
-        prefixes = [p or "" for p in table["shared_prefix"].to_pylist()]
+    if cfg.prefix_as_prompt and SHARED_PREFIX in table.column_names:
+        prefixes = [p or "" for p in table[SHARED_PREFIX].to_pylist()]
         texts = _strip_prefix(prefixes, texts, file, target)
         prompts = [a + b for a, b in zip(prompts, enc.prefixes(prefixes))]
     return _assemble(table.num_rows, prompts, [[c] for c in enc.completions(texts)], None, cfg, enc)
@@ -390,7 +391,26 @@ def encode_lists(table: pa.Table, tokenizer, cfg: TokenizeConfig, file: str | No
     for rs in responses:
         comps.append(flat[k:k + len(rs)])
         k += len(rs)
-    return _assemble(table.num_rows, prompts, comps, table["scores"].to_pylist(), cfg, enc)
+    encoded = _assemble(table.num_rows, prompts, comps, table["scores"].to_pylist(), cfg, enc)
+    encoded.score_range = declared_score_range(table, file)
+    return encoded
+
+
+def declared_score_range(table: pa.Table, file: str | None = None) -> tuple[float, float] | None:
+    """The one (score_min, score_max) the rows' scores are declared on (schemas.tables.SCORE_RANGE), or None
+    when no row declares one. Rows that declare different ranges cannot share one label scale: an error."""
+    if SCORE_MIN not in table.column_names or SCORE_MAX not in table.column_names:
+        return None
+    ranges = list(zip(table[SCORE_MIN].to_pylist(), table[SCORE_MAX].to_pylist()))
+    declared = [(i, r) for i, r in enumerate(ranges) if r != (None, None)]
+    if not declared:
+        return None
+    first = declared[0][1]
+    for i, r in enumerate(ranges):
+        if r != first:
+            raise InputError(f"score range {list(r)} differs from row {declared[0][0]}'s {list(first)}: a table's "
+                             "list scores must share one declared scale", file=file, row=i, column=SCORE_MIN)
+    return first
 
 
 def _assemble(n_rows, prompts, comps, scores, cfg, enc, extra=None) -> Encoded:

@@ -275,7 +275,7 @@ class Trainer:
             scores[b, :len(s)] = torch.tensor(s, dtype=scores.dtype)
         lb = ListBatch(pol, torch.nan_to_num(ref) if ref is not None else None, tok.clamp(min=1), scores,
                        batch.slot_mask)
-        loss, metrics = list_loss(lb, self.cfg.list_loss)
+        loss, metrics = list_loss(lb, self.cfg.list_loss.labels_on(self.data.score_range))
         return loss * (batch.num_groups / n_items), metrics  # list_loss is a mean over this micro-batch
 
     def _label_confidence(self, batch: Batch) -> torch.Tensor | None:

@@ -198,7 +198,16 @@ class ListLossConfig(BaseModel):
         True, description="PRO: scale scores by reward gaps T_k,i = r_k - r_i; off = Plackett–Luce on s.")
     pro_sft_weight: float = Field(0.05, ge=0, description="PRO: w_sft·(n-1)²·NLL(top response), summed NLL.")
     tpo_label_range: tuple[float, float] | None = Field(
-        (-100.0, 100.0), description="TPO: map labels ψ from this range to [0, 1] before G = 2^ψ - 1.")
+        (-100.0, 100.0), description="TPO: map labels ψ from this range to [0, 1] before G = 2^ψ - 1. Unset, "
+                                     "lists that declare their score range (score_min/score_max) use that range.")
+
+    def labels_on(self, declared: tuple[float, float] | None) -> "ListLossConfig":
+        """This config with TPO's label range set to the lists' declared score scale when tpo_label_range was
+        left at its default: (-100, 100) is TPO's own data's scale; on prefpipe's [0, 1] list scores it would
+        squash every label to about 0.5."""
+        if declared is None or "tpo_label_range" in self.model_fields_set:
+            return self
+        return self.model_copy(update={"tpo_label_range": (float(declared[0]), float(declared[1]))})
 
     @property
     def needs_reference(self) -> bool:
