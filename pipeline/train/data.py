@@ -189,10 +189,11 @@ class Encoded:
     extra: list[tuple[list[int], list[int]]] | None = None
     """One more sequence per group with its own prompt: (prompt ids, completion ids), e.g. the RDPO rationale
     conditioned on prompt_rat. Scored by the policy only (no reference term)."""
+    score_range: tuple[float, float] | None = None  # lists: the scale their scores are declared on
 
     def __len__(self) -> int:
         return len(self.prompts)
-    score_range: tuple[float, float] | None = None  # lists: the scale their scores are declared on
+
     def num_tokens(self) -> int:
         return sum(len(p) * len(c) + sum(map(len, c)) for p, c in zip(self.prompts, self.completions))
 
