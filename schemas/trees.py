@@ -60,3 +60,13 @@ def check_trees(table: pa.Table, problems) -> None:
         r = linked.row(int(stuck[0]), named=True)  # sorted by idx = 0..n-1: position is idx
         problems.add(r["row"], "nodes.parent_id", f"parent cycle: following parents from node "
                                                   f"{r['node_id']!r} never reaches the root")
+
+
+def require_trees(table: pa.Table, file: str | None = None) -> None:
+    """Raise the InputError `validate` would raise for the first malformed tree (structure only: mining's own
+    callers may hold the same tree twice, which the stage input check refuses by its duplicate row_key)."""
+    from schemas.validate import _Problems  # validate imports this module lazily: no cycle at import
+
+    problems = _Problems(file)
+    check_trees(table, problems)
+    problems.raise_if_any()

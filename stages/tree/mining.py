@@ -35,7 +35,7 @@ import random
 
 import pyarrow as pa
 
-from schemas import validate
+from schemas.trees import require_trees
 from schemas.tables import RANKED_LISTS
 from schemas.pairs import make_pairs
 from stages._common import now_utc, pair_id
@@ -360,7 +360,7 @@ def lists_table(lists: list[dict]) -> pa.Table:
 def mine(trees: pa.Table, cfg: MiningConfig, *, gold_fallback: bool = False,
          chosen_continuation: bool = False) -> tuple[pa.Table, pa.Table]:
     """(pairs, lists) tables from a TREES table, with no model calls (re-mining stored trees)."""
-    trees = validate(trees, "trees")  # a parent cycle would make mining walk it forever
+    require_trees(trees)  # a parent cycle would make mining walk it forever
     pairs, lists = mine_trees(trees_from_table(trees), cfg, gold_fallback=gold_fallback,
                               chosen_continuation=chosen_continuation)
     return pairs_table(pairs), lists_table(lists)
