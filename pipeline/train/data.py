@@ -90,6 +90,8 @@ def read_table(path: str | Path) -> pa.Table:
             table = pq.read_table(p)
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"cannot read table: {e}", file=str(p)) from e
+    from pipeline.train.data_check import check_training_table
+    check_training_table(table, str(path))  # what `prefpipe validate` refuses, numbered as in the file
     if "status" in table.column_names:  # store outputs: failed/filtered rows are reported there, not trained on
         table = table.filter(pc.equal(table["status"], "ok"))
     if table.num_rows == 0:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,17 @@ def load_model_and_tokenizer(cfg: TrainConfig, path: str):
     return model, tok, folder
 
 
+def report_encoding(stats, tok_cfg, show: bool) -> None:
+    """Rows that max_length dropped or cut, said on the terminal (they were only in train_summary.json)."""
+    parts = [f"{n} {what}" for n, what in ((stats.rows_dropped, "rows dropped (prompt leaves no room)"),
+                                           (stats.prompts_truncated, "prompts truncated"),
+                                           (stats.completions_truncated, "completions truncated")) if n]
+    if parts and show:
+        print(f"data: {stats.rows_in} rows; " + ", ".join(parts) + f" at max_length={tok_cfg.max_length}"
+              + (f", max_prompt_length={tok_cfg.max_prompt_length}" if tok_cfg.max_prompt_length else ""),
+              file=sys.stderr)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     # As TRL does: dropout makes the policy's step-1 log-probs differ from the cached (eval-mode) reference.
     for m in model.modules():
@@ -148,6 +160,7 @@ class Trainer:
             set_threads(cfg.threads)
         self.device, self.autocast = resolve_device(cfg)
         self.model_folder = None
+        self.table = read_table(cfg.data)  # read and checked before the model loads: bad data fails in seconds
         if model is None:
             model, loaded_tok, self.model_folder = load_model_and_tokenizer(cfg, cfg.model)
             tokenizer = tokenizer or loaded_tok
@@ -155,9 +168,9 @@ class Trainer:
             raise ValueError("a tokenizer is needed when the model is passed in")
         self.model, self.tokenizer, self._ref_model = model, tokenizer, ref_model
         self.pad_id = pad_id_of(tokenizer)
-        self.table = read_table(cfg.data)
         self.kind = self._data_kind()
         self.data = self._encode()
+        report_encoding(self.data.stats, self.cfg.tokenize, self.is_main)
         self.ref: np.ndarray | None = None  # [groups, K] float64, NaN where a list has fewer responses
         self.ref_info: dict = {}
         self.loss_state = LossState()
