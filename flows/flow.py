@@ -58,7 +58,7 @@ def _heavy(step: str, config_path: str, *args) -> str:
     """A training arm or an eval: in this process, or with `workers` > 1 in one of the run's pool processes."""
     cfg, _ = load_run_config(config_path)
     if cfg.workers > 1:
-        return parallel.in_worker(cfg, step, config_path, *args)
+        return parallel.in_worker(cfg, steps.run_named, step, config_path, *args)
     return str(getattr(steps, step)(cfg, *args))
 
 

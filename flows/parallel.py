@@ -2,7 +2,7 @@
 
 The tiny policy is too small for torch's intra-op threads to pay off (two threads on one generation step are
 slower than one; bench/stage_threads.py), so a 2-core machine is used by two single-threaded processes instead.
-One pool per run: its processes load the model once each (`steps.backend_for` caches per process) and take
+One pool per run: its processes load the model once each (`backend_cache.backend_for` caches per process) and take
   - stage shards: the engine's `runner` hook sends each pending shard to the pool and writes the results in
     this process as they come back (the engine stays the only writer of the stage folder; shard seeds come from
     the fingerprint and the index, so the rows equal a one-process run's);
@@ -48,7 +48,7 @@ def shutdown() -> None:
 
 
 def _run_shard(stage: str, stage_cfg, rows, ctx_fields: dict, backend: tuple | None):
-    from flows.steps import backend_for
+    from flows.backend_cache import backend_for
     from pipeline.stage import StageContext, get_stage
     from stages.catalog import load_stage_modules
 
@@ -78,17 +78,10 @@ def shard_runner(cfg: RunConfig, backend: tuple | None):
     return run
 
 
-def _call(step: str, config_path: str, *args):
-    from flows import steps
-    from flows.config import load_run_config
-
-    cfg, _ = load_run_config(config_path)
-    return str(getattr(steps, step)(cfg, *args))
-
-
-def in_worker(cfg: RunConfig, step: str, config_path: str, *args) -> str:
-    """Run `steps.<step>(cfg, *args)` in a pool process and wait for its result (a path)."""
-    return pool(cfg).submit(_call, step, config_path, *args).result()
+def in_worker(cfg: RunConfig, fn, *args) -> str:
+    """Run `fn(*args)` (a module-level function, so it pickles; the flow passes steps.run_named) in a pool
+    process and wait for its result (a path)."""
+    return pool(cfg).submit(fn, *args).result()
 
 
 def plan(cfg: RunConfig) -> list[tuple[str, list[str]]]:

@@ -10,7 +10,6 @@ memory between steps, so a rerun after a crash reuses every finished shard, mode
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows.backend_cache import backend_for
 from flows.config import RunConfig, TaskInput, TaskSource, arm_fields
 from flows.paths import model_labels, run_dir  # noqa: F401  (model_labels: steps.model_labels for the flow)
 from pipeline.store import RunStore, atomic_write_bytes, atomic_write_table
@@ -68,13 +68,13 @@ def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def backend_for(kind: str, model: str, base_url: str | None):
-    """One backend per (kind, model) per process: stages of a run share the loaded model."""
-    from pipeline.backends import make_backend
+def run_named(step: str, config_path: str, *args) -> str:
+    """`<step>(cfg, *args)` on the run config at `config_path`, as a path string: what a pool process of
+    flows/parallel.py runs for a training arm or an eval (a module-level function, so it pickles)."""
+    from flows.config import load_run_config
 
-    opts = {"base_url": base_url} if kind == "http" and base_url else {}
-    return make_backend(kind, model, **opts)
+    cfg, _ = load_run_config(config_path)
+    return str(globals()[step](cfg, *args))
 
 
 def stage_input(cfg: RunConfig, ref: str) -> tuple[pa.Table, str]:

@@ -17,6 +17,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.problems import Problems
+
 ROOT_ID = "0"
 
 
@@ -65,8 +67,6 @@ def check_trees(table: pa.Table, problems) -> None:
 def require_trees(table: pa.Table, file: str | None = None) -> None:
     """Raise the InputError `validate` would raise for the first malformed tree (structure only: mining's own
     callers may hold the same tree twice, which the stage input check refuses by its duplicate row_key)."""
-    from schemas.validate import _Problems  # validate imports this module lazily: no cycle at import
-
-    problems = _Problems(file)
+    problems = Problems(file)
     check_trees(table, problems)
     problems.raise_if_any()

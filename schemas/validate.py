@@ -10,32 +10,9 @@ import pyarrow.compute as pc
 
 from schemas.errors import InputError
 from schemas.pairs import GROUPS, group_fields
+from schemas.problems import Problems
 from schemas.score_range import check_score_range
 from schemas.tables import STATUS_VALUES, UNIQUE_KEY, schema_for
-
-MAX_PROBLEMS = 5
-
-
-class _Problems:
-    def __init__(self, file: str | None):
-        self.file, self.items = file, []
-
-    def add(self, row: int | None, column: str | None, msg: str) -> None:
-        self.items.append((row, column, msg))
-
-    def raise_if_any(self) -> None:
-        if not self.items:
-            return
-        row, column, msg = self.items[0]
-        more = ""
-        if len(self.items) > 1:
-            rest = "; ".join(f"row {r}, column '{c}': {m}" for r, c, m in self.items[1:MAX_PROBLEMS])
-            more = f" (also: {rest}{'; ...' if len(self.items) > MAX_PROBLEMS else ''})"
-        raise InputError(msg + more, file=self.file, row=row, column=column)
-
-    def full(self) -> bool:
-        return len(self.items) > MAX_PROBLEMS
-
 
 def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
     idx = pc.index(pc.fill_null(mask, False), True).as_py()
@@ -113,7 +90,7 @@ def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
     InputError naming the column (and the first non-null row for a type problem).
     """
     schema = schema_for(kind)
-    problems = _Problems(file)
+    problems = Problems(file)
     if table.num_rows == 0 and table.num_columns == 0:
         raise InputError(f"empty table: no rows and no columns (expected a {kind} table)", file=file)
     cols, fields, missing = [], [], []
@@ -148,7 +125,7 @@ def conform(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
-def _cast_declared(col: pa.ChunkedArray, field: pa.Field, problems: _Problems) -> pa.ChunkedArray | None:
+def _cast_declared(col: pa.ChunkedArray, field: pa.Field, problems: Problems) -> pa.ChunkedArray | None:
     """`col` in `field`'s type, or None after recording why it cannot be."""
     if col.type == field.type:
         return col
@@ -163,7 +140,7 @@ def _cast_declared(col: pa.ChunkedArray, field: pa.Field, problems: _Problems) -
         return None
 
 
-def _check_nulls(table: pa.Table, kind: str, problems: _Problems) -> None:
+def _check_nulls(table: pa.Table, kind: str, problems: Problems) -> None:
     for field in schema_for(kind):
         col = table.column(field.name)
         if not field.nullable and col.null_count:
@@ -173,7 +150,7 @@ def _check_nulls(table: pa.Table, kind: str, problems: _Problems) -> None:
             _check_struct_list_nulls(col, field.name, item_type, problems)
 
 
-def _check_struct_list_nulls(col, name: str, struct_type: pa.StructType, problems: _Problems) -> None:
+def _check_struct_list_nulls(col, name: str, struct_type: pa.StructType, problems: Problems) -> None:
     arr = col.combine_chunks()
     flat = arr.flatten()
     if not len(flat):
@@ -188,21 +165,21 @@ def _check_struct_list_nulls(col, name: str, struct_type: pa.StructType, problem
             problems.add(parents[i].as_py(), f"{name}.{f.name}", "null in a required field of a list item")
 
 
-def _check_strings_nonempty(table: pa.Table, column: str, problems: _Problems) -> None:
+def _check_strings_nonempty(table: pa.Table, column: str, problems: Problems) -> None:
     col = table.column(column)
     i = _first_true(pc.equal(pc.utf8_trim_whitespace(col), ""))
     if i is not None:
         problems.add(i, column, "empty text")
 
 
-def _check_unique(table: pa.Table, kind: str, problems: _Problems) -> None:
+def _check_unique(table: pa.Table, kind: str, problems: Problems) -> None:
     keys = [UNIQUE_KEY[kind]] + (["row_key"] if UNIQUE_KEY[kind] != "row_key" and "row_key" in
                                  table.column_names else [])
     for key in keys:
         _check_unique_column(table, key, problems)
 
 
-def _check_unique_column(table: pa.Table, key: str, problems: _Problems) -> None:
+def _check_unique_column(table: pa.Table, key: str, problems: Problems) -> None:
     if key not in table.column_names or table.num_rows < 2:
         return
     col = table.column(key)
@@ -214,7 +191,7 @@ def _check_unique_column(table: pa.Table, key: str, problems: _Problems) -> None
         problems.add(rows[1], key, f"duplicate {key} {value.as_py()!r} (rows {rows})")
 
 
-def _check_status(table: pa.Table, problems: _Problems) -> None:
+def _check_status(table: pa.Table, problems: Problems) -> None:
     if "status" not in table.column_names:
         return
     bad = pc.invert(pc.is_in(table.column("status"), pa.array(STATUS_VALUES)))
@@ -223,7 +200,7 @@ def _check_status(table: pa.Table, problems: _Problems) -> None:
         problems.add(i, "status", f"status {table.column('status')[i].as_py()!r} not in {STATUS_VALUES}")
 
 
-def check_pair_invariants(table: pa.Table, problems: _Problems) -> None:
+def check_pair_invariants(table: pa.Table, problems: Problems) -> None:
     """On rows with status ok: chosen != rejected; shared_prefix is a prefix of both;
     score_margin = chosen_score - rejected_score whenever both scores are present."""
     import polars as pl
@@ -258,7 +235,7 @@ def check_pair_invariants(table: pa.Table, problems: _Problems) -> None:
             problems.add(row["_row"], column, message(row))
 
 
-def _check_lists(table: pa.Table, problems: _Problems) -> None:
+def _check_lists(table: pa.Table, problems: Problems) -> None:
     n_resp = pc.list_value_length(table.column("responses"))
     n_scores = pc.list_value_length(table.column("scores"))
     i = _first_true(pc.not_equal(n_resp, n_scores))
@@ -285,7 +262,7 @@ def _float_leaves(col, name: str, type_: pa.DataType):
             yield from _float_leaves(arr.field(f.name), f"{name}.{f.name}", f.type)
 
 
-def _check_finite(table: pa.Table, kind: str, problems: _Problems) -> None:
+def _check_finite(table: pa.Table, kind: str, problems: Problems) -> None:
     """NaN and infinite numbers are refused everywhere: a NaN score ranks nothing and poisons every mean."""
     for field in schema_for(kind):
         for path, values, rows in _float_leaves(table.column(field.name), field.name, table.column(field.name).type):
@@ -300,7 +277,7 @@ def _check_finite(table: pa.Table, kind: str, problems: _Problems) -> None:
             problems.add(i, "label_confidence", f"label_confidence {conf[i].as_py()} is outside [0, 1]")
 
 
-def _check_list_items(table: pa.Table, kind: str, problems: _Problems) -> None:
+def _check_list_items(table: pa.Table, kind: str, problems: Problems) -> None:
     """A null inside a list (a response, a score, a node) is never meaningful."""
     for field in schema_for(kind):
         if not (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)):
@@ -316,7 +293,7 @@ def _check_list_items(table: pa.Table, kind: str, problems: _Problems) -> None:
 _JSON_COLUMNS = {"extra": (dict, "object"), "prompt_messages": (list, "array")}
 
 
-def _check_json(table: pa.Table, problems: _Problems) -> None:
+def _check_json(table: pa.Table, problems: Problems) -> None:
     import json
 
     for name, (want, what) in _JSON_COLUMNS.items():
@@ -341,7 +318,7 @@ def validate(table: pa.Table, kind: str, *, file: str | None = None) -> pa.Table
     Raises InputError naming the file, row and column of the first problem (and up to four more).
     """
     table = conform(table, kind, file=file)
-    problems = _Problems(file)
+    problems = Problems(file)
     _check_nulls(table, kind, problems)
     if kind == "prompts":
         _check_strings_nonempty(table, "prompt", problems)
