@@ -98,6 +98,29 @@ def test_self_label_pairs_carry_verification(tmp_path):
     assert "score_min" not in out.column_names  # implicit rewards declare no scale
 
 
+def test_rationales_add_their_group_and_keep_the_inputs(tree_out):
+    from stages import rationales as R
+    from tests.test_rationales import ScriptedBackend, ctx, good_reply
+    src = carries(tree_out["main"], ("step", "pair_type", "score_range"))
+    out = carries(R.run(src, R.RationaleConfig(), ScriptedBackend(good_reply), ctx())["main"],
+                  ("rationale", "step", "pair_type", "score_range"))
+    names = [n for g in ("step", "pair_type", "score_range") for n in GROUPS[g].names]
+    assert out.select(names).to_pylist() == src.select(names).to_pylist()
+    ok = ok_rows(out)
+    assert len(ok) == len(ok_rows(src)) > 0 and all(r["rationale"] and r["rationale_prompt"] for r in ok)
+
+
+def test_deliberation_pairs_declare_0_1(tmp_path):
+    from stages.deliberation import DeliberationConfig
+    from tests.test_deliberation import World, prompts
+    from tests.test_rationales import ScriptedBackend
+    w = World()
+    res = run_stage(get_stage("deliberation"), prompts(4), DeliberationConfig(), ScriptedBackend(w.reply, w.score),
+                    RunStore(tmp_path), progress=False)
+    ok = ok_rows(carries(res.read(), ("score_range",)))
+    assert ok and {(r["score_min"], r["score_max"]) for r in ok} == {(0.0, 1.0)}
+
+
 def test_stage_columns_may_not_redefine_a_group_and_flips_swap_sides():
     with pytest.raises(ValueError, match=r"\['chosen_is_terminal'\].*group \['step'\]"):
         make_pairs([], (), [pa.field("chosen_is_terminal", pa.bool_())])
