@@ -42,7 +42,7 @@ def _stand_in(name: str, type_: pa.DataType, n: int) -> pa.Array:
 def check_training_table(table: pa.Table, file: str | None = None) -> None:
     """Raise the InputError `prefpipe validate --kind pairs|lists` would raise on this table (naming file, row
     and column); nothing for tables that are neither (SFT)."""
-    from pipeline.train.data import from_conversational  # TRL's message lists -> text, as training sees them
+    from pipeline.train.conversational import from_conversational  # TRL's message lists -> text, as training sees them
 
     kind = table_kind(table)
     if kind is None:

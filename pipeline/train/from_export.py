@@ -3,7 +3,7 @@
 The rows are turned back into the store rows they came from, so tokenization is the same code path, and the
 token ids are the same, as training on the run's stage table:
 - conversational configs: TRL's messages -> `prompt` (the last user turn) + `prompt_messages` (the
-  conversation), `chosen` / `rejected` the assistant texts (data.from_conversational);
+  conversation), `chosen` / `rejected` the assistant texts (conversational.from_conversational);
 - standard configs: the templated `prompt` text is dropped, the conversation it renders (`prompt_messages`)
   is kept, so the trainer applies the policy's template itself;
 - step configs (`-steps`): as standard, and `chosen` / `rejected` get their `shared_prefix` back (train them
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.hub_out import LISTING, inside
-from pipeline.train.data import from_conversational
+from pipeline.train.conversational import from_conversational
 
 
 def export_target(path: str | Path) -> tuple[Path, str | None] | None:
