@@ -112,6 +112,11 @@ RANKED_LISTS = pa.schema([
     *_STATUS,
 ])
 
+# SFT rows the trainer reads (no stage boundary of their own): `prompt` (+ `system`/`prompt_messages`, and
+# `shared_prefix` with prefix_as_prompt, as for pairs) and one target text: the first of these columns present,
+# unless the run names another (`sft_column`, e.g. `text` of a generations table).
+SFT_TARGETS = ("completion", "chosen")
+
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "generations": GENERATIONS,
