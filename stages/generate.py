@@ -45,16 +45,21 @@ def run(rows: pa.Table, cfg: GenerateConfig, backend, ctx: StageContext) -> dict
     sp = cfg.sampling_params(ctx.seed)
     sampling_json = json.dumps(cfg.sampling(), sort_keys=True, separators=(",", ":"))
     error = None
+    # a prompt past the model's context is a row error of its own (the backend would refuse the whole call)
+    too_long = getattr(backend, "context_errors", lambda ps: [None] * len(ps))(prompts)
+    live = [i for i, e in enumerate(too_long) if e is None]
+    outs = [[None] * cfg.n for _ in prompts]
     try:
-        outs = backend.generate(prompts, sp, n=cfg.n)
+        for i, samples in zip(live, backend.generate([prompts[i] for i in live], sp, n=cfg.n) if live else []):
+            outs[i] = samples
     except BackendError as e:
         outs, error = [[None] * cfg.n for _ in prompts], f"{type(e).__name__}: {e}"
     records = []
-    for pid, prompt, samples in zip(ids, prompts, outs):
+    for pid, prompt, samples, long_error in zip(ids, prompts, outs, too_long):
         for i, c in enumerate(samples):
             records.append({"prompt_id": pid, "prompt": prompt, "sample_index": i,
                             "text": c.text if c else None, "n_tokens": c.n_tokens if c else None,
                             "finish_reason": c.finish_reason if c else None, "model": backend.model_id,
                             "sampling": sampling_json, "seed": ctx.seed, "row_key": ctx.row_key(pid, i),
-                            "status": "ok" if c else "failed", "error": error})
+                            "status": "ok" if c else "failed", "error": long_error or error})
     return {"main": pa.Table.from_pylist(records, schema=GENERATIONS)}

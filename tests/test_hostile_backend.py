@@ -99,3 +99,19 @@ def test_generation_stops_at_the_context(tiny):
     finally:
         tiny.eos = eos
     assert out[0][0].n_tokens == room and out[0][0].finish_reason == "length"
+
+
+@pytest.mark.timeout(120)
+def test_generate_fails_only_the_row_past_the_context(tmp_path, monkeypatch, capsys):
+    from pipeline.store import RunStore
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": k, "prompt": p}) + "\n"
+                               for k, p in [("a", "2+2="), ("long", "x " * 5000), ("b", "3+3=")]))
+    code, msg = run_cli(monkeypatch, capsys, "stage", "generate", "-i", prompts, "-o", tmp_path / "run",
+                        "--max-tokens", "3", "--temperature", "0", "--fail-threshold", "0.5")
+    assert code == 0, msg
+    rows = RunStore(tmp_path / "run").stage("generate").read().to_pylist()
+    assert [(r["prompt_id"], r["status"]) for r in rows] == [("a", "ok"), ("long", "failed"), ("b", "ok")]
+    assert "leaves no room in the model's context of 1024 tokens" in rows[1]["error"]
+    assert rows[0]["error"] is None and rows[0]["n_tokens"] >= 1

@@ -92,6 +92,17 @@ class TokenizedBackend(ABC):
         return [encode_text(self.tokenizer, render_prompt(self.tokenizer, p, prefixes[i] if prefixes else None))
                 for i, p in enumerate(prompts)]
 
+    context_length: int | None = None  # the model's context in tokens (None: unknown, nothing checked)
+
+    def context_errors(self, prompts: list[Prompt]) -> list[str | None]:
+        """Per prompt: why it cannot be generated from (it leaves no room for one new token in the model's
+        context), or None. Lets a stage fail such rows one by one instead of the whole call."""
+        if self.context_length is None:
+            return [None] * len(prompts)
+        return [None if len(ids) < self.context_length else
+                f"prompt of {len(ids)} tokens leaves no room in the model's context of {self.context_length} tokens"
+                for ids in self.encode_prompts(prompts)]
+
     def generate(self, prompts: list[Prompt], sampling: SamplingParams | None = None,
                  n: int | None = None) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
