@@ -142,3 +142,29 @@ def test_tpo_label_range_follows_the_lists_declared_range():
     mixed = lists.set_column(4, "score_max", pa.array([1.0, 10.0]))
     with pytest.raises(InputError, match=r"row 1, column 'score_min': score range \[0.0, 10.0\] differs"):
         declared_score_range(mixed, "l.parquet")
+
+
+def test_trainer_tpo_labels_use_the_lists_declared_range(tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.losses import ListBatch, list_loss
+    from pipeline.train.tiny import char_tokenizer, tiny_llama
+    from pipeline.train.trainer import Trainer
+    scores = [[1.0, 0.5, 0.0], [0.0, 1.0, 0.5]]
+    path = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"prompt": ["1+1?", "2+2?"], "responses": [["2", "3", "11"], ["4", "5", "22"]],
+                             "scores": scores, "score_min": [0.0, 0.0], "score_max": [1.0, 1.0]}), path)
+    cfg = TrainConfig(model="in-memory", data=str(path), output_dir=str(tmp_path / "out"), lr=1e-3, device="cpu",
+                      save_final=False, progress=False, ref_cache_dir=str(tmp_path / "cache"), micro_batch=2,
+                      max_steps=1, shuffle=False, list_loss={"loss_type": "tpo"})
+    tok = char_tokenizer()
+    res = Trainer(cfg, model=tiny_llama(len(tok), seed=1), tokenizer=tok).train()
+    # step 1: policy = reference, every log-ratio 0; only the labels' mapping onto [0, 1] sets the gains
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    batch = ListBatch(zeros, zeros, torch.ones(2, 3), torch.tensor(scores, dtype=torch.float64),
+                      torch.ones(2, 3, dtype=torch.bool))
+    on_declared = list_loss(batch, ListLossConfig(loss_type="tpo", tpo_label_range=(0.0, 1.0)))[0].item()
+    on_default = list_loss(batch, ListLossConfig(loss_type="tpo"))[0].item()
+    assert abs(on_declared - on_default) > 1e-2
+    assert res.history[0]["loss"] == pytest.approx(on_declared, abs=1e-5)
