@@ -400,7 +400,7 @@ DAMAGE = {
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", ["inspect", "validate", "fingerprint"])
+@pytest.mark.parametrize("command", ["inspect", "validate", "fingerprint", "export"])
 @pytest.mark.parametrize("name", sorted(DAMAGE))
 def test_damaged_run_is_a_clear_error(tmp_path, monkeypatch, capsys, good_run, name, command):
     run = tmp_path / "run"
@@ -410,11 +410,11 @@ def test_damaged_run_is_a_clear_error(tmp_path, monkeypatch, capsys, good_run, n
         pytest.skip("fingerprint reads only the manifest")
     before = snapshot(run)
     args = {"inspect": ["inspect", run], "validate": ["validate", run / "toy-pairs", "--kind", "pairs"],
-            "fingerprint": ["fingerprint", run]}[command]
+            "fingerprint": ["fingerprint", run], "export": ["export", run, "--out", tmp_path / "hub"]}[command]
     code, msg = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and msg.startswith("error: ") and where in msg, msg
     assert "Traceback" not in msg
-    assert snapshot(run) == before
+    assert snapshot(run) == before and not (tmp_path / "hub").exists()
 
 
 # ------------------------------------------------------------------------------------- places and options
