@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, Field
 
+from pipeline.evaluate import wilson_interval
 from pipeline.tasks.arith import Problem
 from pipeline.tasks.verify import first_wrong_step, verify_answer
 
@@ -119,17 +120,6 @@ def greedy_generate(model, tokenizer, questions: list[str], max_new_tokens: int,
             out[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train(was_training)
     return out
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def max_new_tokens_for(problems: list[Problem]) -> int:
