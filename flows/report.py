@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from flows.config import RunConfig
+from flows.headline import headline
 from flows.paths import model_labels, run_dir
 from pipeline.agreement import label_agreement
 from pipeline.store import RunStore, atomic_write_bytes
@@ -109,7 +110,8 @@ def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
             info["margins"] = margins
             info["methods"] = {k: methods.count(k) for k in sorted(set(map(str, methods)))}
         if "trees" in m["outputs"] and st.num_rows("trees"):
-            info["trees"] = _tree_stats(st.read("trees"))
+            info["tree_arrays"] = _tree_arrays(st.read("trees"))
+            info["trees"] = _tree_stats(info["tree_arrays"])
         if "trees" in m["outputs"] and info.get("margins") is not None and st.num_rows("trees"):
             # the pairs re-verified from their texts against the stored trees' tasks (stages/tree/quality.py)
             info["quality"] = quality_report(st.read(), st.read("trees"))
@@ -160,67 +162,43 @@ def _verifier_agreement(problems: dict, pairs) -> dict | None:
     return label_agreement(verdicts)
 
 
-def _tree_stats(trees) -> dict:
+def _tree_arrays(trees) -> dict:
+    """Per-tree numbers of a tree-search stage (what trees.png plots)."""
     nodes = trees.column("nodes").to_pylist()
-    sizes = [len(n) for n in nodes]
-    depths = [max((x["depth"] for x in n), default=0) for n in nodes]
     terminal = [x for n in nodes for x in n if x["is_terminal"]]
-    correct = [x for x in terminal if x.get("correct")]
-    return {"trees": len(nodes), "nodes_mean": float(np.mean(sizes)) if sizes else 0.0,
-            "nodes_max": max(sizes, default=0), "depth_max": max(depths, default=0),
-            "terminal_nodes": len(terminal), "terminal_correct_share": len(correct) / len(terminal) if terminal else 0.0}
+    correct = sum(1 for x in terminal if x.get("correct"))
+    return {"nodes": [len(n) for n in nodes], "depths": [max((x["depth"] for x in n), default=0) for n in nodes],
+            "terminal_correct": correct, "terminal_wrong": len(terminal) - correct}
+
+
+def _tree_stats(a: dict) -> dict:
+    terminal = a["terminal_correct"] + a["terminal_wrong"]
+    return {"trees": len(a["nodes"]), "nodes_mean": float(np.mean(a["nodes"])) if a["nodes"] else 0.0,
+            "nodes_max": max(a["nodes"], default=0), "depth_max": max(a["depths"], default=0),
+            "terminal_nodes": terminal, "terminal_correct_share": a["terminal_correct"] / terminal if terminal else 0.0}
+
+
+def _nll_coefs(cfg: RunConfig) -> dict[str, float]:
+    """Preference arms -> the weight of the NLL term in their logged loss (RPO's α; ORPO's 1), so the plot can
+    show the preference part alone. Arms without a preference term (NLL/SFT controls) are left out."""
+    from pipeline.train.losses import LossConfig
+    from pipeline.train.losses.pairwise import NLL_COEF
+
+    out = {}
+    for arm in cfg.train:
+        loss = LossConfig(**arm.config.get("loss", {}))
+        if arm.config.get("mode") == "sft" or set(loss.loss_types) <= {"sft"}:
+            continue
+        coef = sum(w * NLL_COEF.get(t, 0.0) for t, w in zip(loss.loss_types, loss.weights))
+        out[arm.name] = coef + (loss.rpo_alpha or 0.0 if loss.rpo_form == "average" else 0.0)
+    return out
 
 
 def _plots(out: Path, cfg: RunConfig, evals: dict, stages: dict) -> list[str]:
-    import matplotlib
+    from flows.report_plots import plot_all
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    if evals:
-        labels = list(evals)
-        acc = [100 * evals[k]["accuracy"] for k in labels]
-        err = [[100 * (evals[k]["accuracy"] - evals[k]["ci_low"]) for k in labels],
-               [100 * (evals[k]["ci_high"] - evals[k]["accuracy"]) for k in labels]]
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 3.6))
-        ax.bar(labels, acc, yerr=err, capsize=4, color=["#888"] + ["#3a7"] * (len(labels) - 1))
-        ax.set_ylabel("greedy accuracy (%)  [95 % CI]")
-        ax.set_title(f"eval: {evals[labels[0]]['n']} problems")
-        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-        fig.tight_layout()
-        fig.savefig(out / "accuracy.png", dpi=110)
-        plt.close(fig)
-        made.append("accuracy.png")
-    with_margins = {k: v["margins"] for k, v in stages.items() if v.get("margins")}
-    if with_margins:
-        fig, axes = plt.subplots(1, len(with_margins), figsize=(4 * len(with_margins), 3), squeeze=False)
-        for ax, (k, m) in zip(axes[0], with_margins.items()):
-            ax.hist(m, bins=20, color="#37a")
-            ax.set_title(f"{k}: score margin (n={len(m)})")
-        fig.tight_layout()
-        fig.savefig(out / "margins.png", dpi=110)
-        plt.close(fig)
-        made.append("margins.png")
     curves = {a.name: _metrics(cfg, a.name) for a in cfg.train}
-    curves = {k: v for k, v in curves.items() if v}
-    if curves:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-        for name, rows in curves.items():
-            steps_ = [r.get("step", i + 1) for i, r in enumerate(rows)]
-            axes[0].plot(steps_, [r.get("loss") for r in rows], label=name)
-            axes[1].plot(steps_, [r.get("logps/chosen") for r in rows], label=f"{name} chosen")
-            axes[1].plot(steps_, [r.get("logps/rejected") for r in rows], "--", label=f"{name} rejected")
-            axes[2].plot(steps_, [r.get("rewards/margins") for r in rows], label=name)
-        for ax, t in zip(axes, ("loss", "log-probs (chosen solid, rejected dashed)", "rewards/margins")):
-            ax.set_title(t)
-            ax.set_xlabel("step")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "training.png", dpi=110)
-        plt.close(fig)
-        made.append("training.png")
-    return made
+    return plot_all(out, evals, curves, stages, _nll_coefs(cfg))
 
 
 def _drift(info: dict) -> dict:
@@ -257,6 +235,7 @@ def build_summary(cfg: RunConfig) -> dict:
                                       "groups": info.get("groups"), "logp_drift": _drift(info),
                                       "last": info.get("last")}
     del base
+    summary["headline"] = headline(cfg, summary)
     return summary
 
 
@@ -290,7 +269,7 @@ def write_report(cfg: RunConfig, config_path: Path) -> Path:
     stages = _stage_stats(cfg)
     for k, v in stages.items():
         m = v.get("margins") or []
-        summary["stages"][k] = {**{kk: vv for kk, vv in v.items() if kk != "margins"},
+        summary["stages"][k] = {**{kk: vv for kk, vv in v.items() if kk not in ("margins", "tree_arrays")},
                                 "margin_mean": float(np.mean(m)) if m else None, "pairs_ok": len(m)}
     evals = _load_evals(cfg)
     plots = _plots(out, cfg, evals, stages)
@@ -308,6 +287,8 @@ def _delta_row(name: str, d: dict) -> str:
 def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> str:
     lines = [f"# prefpipe run report: {cfg.name}", "", f"Model: `{cfg.model}`; backend: {cfg.backend}; config: "
              f"`{config_path}`", ""]
+    if s.get("headline"):
+        lines += ["## What the run found", "", " ".join(s["headline"]["sentences"]), ""]
     if s["evals"]:
         n = next(iter(s["evals"].values()))["n"]
         lines += [f"## Accuracy on {n} eval problems (greedy, 95 % Wilson interval)", "",
