@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-# Used when neither --threads nor OMP_NUM_THREADS is given. Capped at 2 until measured (bench/); a later
-# measurement may raise it.
-DEFAULT_THREADS = min(2, os.cpu_count() or 1)
+# Used when neither --threads nor OMP_NUM_THREADS is given. One: the bundled policy's ops are too small for an
+# intra-op pool to pay off, and on a 2-core machine torch's default of 2 threads spent 7x the CPU time on the same
+# tree search (bench/stage_threads.py, bench/results/stage_threads.json). More cores are used by more
+# processes instead (a run config's `workers`, Ray replicas).
+DEFAULT_THREADS = 1
 
 # Every thread-pool variable the numeric libraries torch and numpy may link against read at start-up.
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",

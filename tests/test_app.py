@@ -47,7 +47,7 @@ def test_default_threads_follow_the_environment_then_the_constant(monkeypatch, r
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert threads.resolve_threads(None) == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert threads.resolve_threads(None) == threads.DEFAULT_THREADS == min(2, os.cpu_count() or 1)
+    assert threads.resolve_threads(None) == threads.DEFAULT_THREADS == 1
     assert threads.resolve_threads(5) == 5
 
 
