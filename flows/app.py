@@ -15,6 +15,7 @@ import typer
 from flows import cli as flow_commands
 from pipeline import hub_cli, store_cli
 from pipeline.errors import PrefpipeError
+from pipeline.stage import get_stage
 from pipeline.tasks import cli as task_commands
 from pipeline.tasks import eval_cli as eval_commands
 from pipeline.threads import DEFAULT_THREADS, set_threads
@@ -50,6 +51,40 @@ def _global_options(
 
 for _module in COMMAND_MODULES:
     _module.register(app, stage_app)
+
+# An example line under every command's --help (a command may set its own `epilog`; tests/test_app.py checks that
+# every command has one). Stage commands get theirs from the stage's input kind.
+EXAMPLES = {
+    "inspect": "prefpipe inspect runs/demo",
+    "validate": "prefpipe validate runs/demo/tree --kind pairs",
+    "fingerprint": "prefpipe fingerprint runs/demo tree",
+    "eval": "prefpipe eval --model runs/demo/train/b/final --n 200",
+    "train": "prefpipe train --model tiny-policy --data runs/demo/step-pairs --output-dir runs/train --beta 0.1",
+    "export": "prefpipe export runs/demo --out runs/demo/export",
+    "generate": "prefpipe generate -i prompts.jsonl -o runs/gen --n 4",
+    "run": "prefpipe run flows/configs/demo.yaml",
+    "serve": "prefpipe serve flows/configs/demo.yaml --cron '0 3 * * *'",
+    "task make": "prefpipe task make --out data/task --n 500",
+    "task show": "prefpipe task show --n 3 --split eval",
+}
+STAGE_INPUTS = {"prompts": "prompts.jsonl", "trees": "runs/demo/tree@trees"}  # else: a stage folder of pairs
+
+
+def _add_examples(group: typer.Typer, prefix: str) -> None:
+    for info in group.registered_commands:
+        name = f"{prefix}{info.name or info.callback.__name__.replace('_', '-')}"
+        if info.epilog is None and name in EXAMPLES:
+            info.epilog = f"Example: {EXAMPLES[name]}"
+    for sub in group.registered_groups:
+        _add_examples(sub.typer_instance, f"{prefix}{sub.name} ")
+
+
+_add_examples(app, "")
+for _info in stage_app.registered_commands:
+    if _info.epilog is None:
+        _kind = get_stage(_info.name).input_kind
+        _info.epilog = (f"Example: prefpipe stage {_info.name} -i {STAGE_INPUTS.get(_kind, 'runs/demo/tree')} "
+                        f"-o runs/demo")
 
 
 def main() -> None:

@@ -58,3 +58,27 @@ def test_every_area_registers_its_commands():
     assert {"inspect", "validate", "train", "eval", "generate", "export", "run", "serve"} <= top
     assert {"stage", "task"} <= groups
     assert {"generate", "tree-search", "sample-pairs", "self-label", "reward-relabel"} <= stages
+
+
+def _leaf_commands(command, path):
+    subs = getattr(command, "commands", None)
+    if not subs:
+        yield path, command
+        return
+    for name, sub in subs.items():
+        yield from _leaf_commands(sub, path + [name])
+
+
+def test_every_command_shows_an_example_that_uses_its_own_options():
+    import shlex
+
+    import typer
+
+    leaves = list(_leaf_commands(typer.main.get_command(cli.app), ["prefpipe"]))
+    assert len(leaves) >= 20  # every area's commands and one per stage
+    for path, command in leaves:
+        example = command.epilog or ""
+        assert example.startswith(f"Example: {' '.join(path)} "), (path, example)
+        opts = {o for p in command.params for o in p.opts + p.secondary_opts}
+        used = {t for t in shlex.split(example.removeprefix("Example: ")) if t.startswith("-")}
+        assert used <= opts, (path, used - opts)
