@@ -117,6 +117,8 @@ def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | 
         raise InputError(f"missing id column for stage '{spec.name}'", file=input_file, column=spec.id_column)
     fp, fp_inputs = stage_fingerprint(spec, cfg, backend)
     stage_store = store.stage(folder or spec.name)
+    fresh = not stage_store.dir.exists() and not store.root.exists()  # nothing of this run on disk yet
+    fresh_stage = not stage_store.dir.exists()
     manifest = stage_store.begin(fingerprint=fp, fingerprint_inputs=fp_inputs, outputs=spec.outputs,
                                  shard_size=shard_size, n_input_rows=rows.num_rows, overwrite=overwrite)
     shard_size = manifest["shard_size"]  # a resumed run keeps the shard layout it started with
@@ -154,6 +156,12 @@ def run_stage(spec: StageSpec, rows: pa.Table, cfg: StageConfig, backend: Any | 
                 bar.advance(hi - lo)
             if on_shard is not None:
                 on_shard(index)
+    except InputError:
+        # bad input a stage found in its first shard (e.g. a malformed `meta` record): leave nothing behind
+        # rather than a stage folder holding only an unfinished manifest
+        if fresh_stage and not manifest["shards"]:
+            stage_store.discard(remove_root=fresh)
+        raise
     finally:
         if bar:
             bar.stop()

@@ -261,6 +261,18 @@ class StageStore:
         self._write_manifest(m)
         return m
 
+    def discard(self, *, remove_root: bool = False) -> None:
+        """Remove a stage folder this process just began and wrote no shard into (its manifest, temp files),
+        and the run directory too when `remove_root` and it is left empty."""
+        for p in self.dir.iterdir():
+            if p.is_file() and (p.name == MANIFEST or p.suffix == ".tmp"):
+                p.unlink()
+        for d in [self.dir] + ([self.root] if remove_root else []):
+            try:
+                d.rmdir()  # only when empty: never deletes what it did not write
+            except OSError:
+                break
+
     def _drop_damaged(self, manifest: dict) -> None:
         """Unlist shards whose files are gone or changed, so the resumed run computes them again; said on
         stderr and kept in `self.recomputed` (the engine puts it in the stage summary)."""

@@ -479,3 +479,31 @@ def test_bad_place_is_a_clear_error(tmp_path, monkeypatch, capsys, name):
     code, msg = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and msg.startswith("error: ") and fragment in msg, msg
     assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------- a stage that finds bad input in its rows
+@pytest.fixture
+def picky_stage():
+    """A stage whose run refuses a row (as stages do with a malformed `meta`), registered for this test."""
+    from pipeline.stage import StageConfig, _REGISTRY, register_stage
+    from schemas.errors import InputError
+
+    @register_stage("picky", config=StageConfig, input_kind="prompts", outputs={"main": "prompts"},
+                    needs_backend=False)
+    def run(rows, cfg, backend, ctx):
+        raise InputError("this stage refuses row 'b'", column="meta")
+    register_stage_commands(cli.stage_app, [get_stage("picky")])
+    yield
+    _REGISTRY.pop("picky")
+
+
+@pytest.mark.timeout(60)
+def test_stage_input_error_in_its_rows_leaves_nothing(tmp_path, monkeypatch, capsys, picky_stage):
+    path = tmp_path / "p.jsonl"
+    _write(path, jsonl(GOOD))
+    code, msg = run_cli(monkeypatch, capsys, "stage", "picky", "-i", path, "-o", tmp_path / "run")
+    assert code == 2 and "refuses row 'b'" in msg, msg
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run2").mkdir()  # an existing run directory stays; only the new stage folder goes
+    code, msg = run_cli(monkeypatch, capsys, "stage", "picky", "-i", path, "-o", tmp_path / "run2")
+    assert code == 2 and list((tmp_path / "run2").iterdir()) == []
