@@ -209,6 +209,12 @@ def _check_named_task(src: TaskSource, loc: tuple, file: str, needs_gold: str | 
         who = "eval" if needs_gold == "eval" else f"stage {needs_gold!r}"
         raise InputError(f"{who} needs {what}; task {name!r} has no gold answers", file=file,
                          column=dotted((*loc, "task" if needs_gold == "eval" else "stage")))
+    if task.generates and src.path is None and src.size is None and src.limit is None:
+        raise InputError(f"task {name!r} generates its problems: give `size`", file=file,
+                         column=dotted((*loc, "size")))
+    if not task.generates and src.path is None:
+        raise InputError(f"task {name!r} reads its problems from a file: give `path`", file=file,
+                         column=dotted((*loc, "path")))
     if src.path is not None and not Path(src.path).exists():
         raise InputError(f"no such problems file {src.path!r} (relative paths start at the config's folder)",
                          file=file, column=dotted((*loc, "path")))

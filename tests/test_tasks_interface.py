@@ -125,6 +125,24 @@ def test_prompts_task_refused_by_a_gold_needing_stage_at_load(tmp_path, stage, n
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("section,message,column", [
+    ({"eval": {"task": "prompts", "path": "p.jsonl"}}, "eval needs gold answers to score against; task 'prompts' "
+                                                       "has no gold answers", "eval.task"),
+    ({"inputs": {"task": "math"}}, "task 'math' reads its problems from a file: give `path`", "inputs.path"),
+    ({"inputs": {"task": "reasoning-gym:chain_sum"}}, "generates its problems: give `size`", "inputs.size"),
+    ({"inputs": {"file": "p.jsonl", "size": 3}}, "`size` goes with a task name", "inputs"),
+])
+def test_named_task_sections_checked_at_load(tmp_path, section, message, column):
+    from flows.config import load_run_config
+
+    path = _config(tmp_path, "prompts", {"stage": "tree-search", "config": {"value_fn": "logprob"}})
+    cfg = {**json.loads(path.read_text()), **section}
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_run_config(path)
+    assert message in str(e.value) and f"column '{column}'" in str(e.value), str(e.value)
+
+
 def test_prompts_task_accepted_where_no_gold_is_needed(tmp_path):
     from flows.config import load_run_config
     from flows.steps import prepare_inputs

@@ -21,6 +21,7 @@ def _problem(meta: str) -> Problem:
 class ArithTask(Task):
     name = "arith"
     has_step_check = True
+    generates = True
 
     def __init__(self, preset: str = "tiny", **overrides):
         if preset not in ("tiny", "default"):

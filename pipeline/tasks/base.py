@@ -38,6 +38,7 @@ class Task:
     name: ClassVar[str] = ""
     has_gold: ClassVar[bool] = True
     has_step_check: ClassVar[bool] = False
+    generates: ClassVar[bool] = False  # True: `make` draws problems; False: `load` reads them from a file
     system_prompt: str | None = None
 
     @property

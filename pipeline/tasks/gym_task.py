@@ -36,6 +36,7 @@ def split_seed(seed: int, split: str) -> int:
 
 class GymTask(Task):
     has_step_check = False
+    generates = True
 
     def __init__(self, dataset: str, **options):
         if dataset not in dataset_names():

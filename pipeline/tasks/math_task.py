@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 
 import pyarrow as pa
 
@@ -19,7 +20,8 @@ from pipeline.tasks.base import Check, Task, problems_table
 
 # (prompt column, answer column) pairs tried in order when the caller names none.
 CONVENTIONS = (("prompt", "gold_answer"), ("question", "answer"), ("problem", "solution"))
-MAX_ANSWER_CHARS = 300  # math-verify runs without its signal timeout (threads); long inputs are cut, not parsed
+MAX_ANSWER_CHARS = 300  # off the main thread math-verify runs without its timeout: long inputs are cut
+TIMEOUT_S = 5
 
 _HASHES = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 _ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|^\s*answer\s*:)\s*:?\s*(.+?)\s*$",
@@ -64,12 +66,17 @@ def extract_answer(text: str) -> str | None:
     return nums[-1] if nums else None
 
 
+def _timeout() -> int | None:
+    """math-verify's timeout is a SIGALRM: usable in the main thread only (stages may run in worker threads)."""
+    return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
 def _parse(answer: str):
     from math_verify import parse
 
     a = answer[:MAX_ANSWER_CHARS]
     # Bare LaTeX (\frac{1}{2}, intervals) is only read inside math delimiters; plain prose only outside them.
-    return parse(f"${a}$", parsing_timeout=None) or parse(a, parsing_timeout=None)
+    return parse(f"${a}$", parsing_timeout=_timeout()) or parse(a, parsing_timeout=_timeout())
 
 
 def equivalent(answer: str | None, gold: str) -> bool:
@@ -81,11 +88,12 @@ def equivalent(answer: str | None, gold: str) -> bool:
     g, a = _parse(gold), _parse(answer)
     if not g or not a:  # nothing parsable on one side: fall back to the exact text
         return answer.strip() == gold.strip()
-    return bool(verify(g, a, timeout_seconds=None))
+    return bool(verify(g, a, timeout_seconds=_timeout()))
 
 
 class MathTask(Task):
     name = "math"
+    generates = False
 
     def __init__(self, prompt_column: str | None = None, answer_column: str | None = None,
                  system_prompt: str | None = None):
