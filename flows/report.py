@@ -13,24 +13,12 @@ import numpy as np
 
 from flows.config import RunConfig
 from flows.headline import headline
+from flows.intervals import paired_delta
 from flows.paths import model_labels, run_dir
 from pipeline.agreement import label_agreement
 from pipeline.store import RunStore, atomic_write_bytes
 from schemas.errors import InputError
 from stages.tree.quality import quality_report
-
-
-def paired_delta(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
-    """Δ = mean(b) − mean(a) over the same problems, with a paired bootstrap 95 % interval (in points). Entries
-    are per-problem correctness (bools) or, for pools, per-problem mean correctness over several models."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(x) != len(y) or not len(x):
-        raise ValueError("paired_delta needs two equal-length, non-empty correctness vectors")
-    d = y - x
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
-    boots = d[idx].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"delta_pp": 100 * d.mean(), "ci_low_pp": 100 * lo, "ci_high_pp": 100 * hi, "n": len(d)}
 
 
 def _load_evals(cfg: RunConfig) -> dict[str, dict]:

@@ -83,7 +83,7 @@ def _accuracy(plt, evals: dict, palette: dict):
     ax = axes[1]
     others = [k for k in labels if k != "base" and "per_problem" in evals[k]]
     if "base" in evals and others:
-        from flows.report import paired_delta  # the report's interval, not a second estimate
+        from flows.intervals import paired_delta  # the report's interval, not a second estimate
 
         base = {r["id"]: r["correct"] for r in evals["base"]["per_problem"]}
         for i, k in enumerate(others):

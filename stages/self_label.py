@@ -157,6 +157,8 @@ def label_row(r: dict, problem, texts: list[str], rewards: list[float], cfg: Sel
                   f"{'are the same model' if models[0] == models[1] else 'agree on these samples'}")
     elif texts[c] == texts[j]:   # the same text sampled twice, its rewards differing by float noise only
         reason = "the highest- and lowest-reward samples are the same text"
+    elif not texts[c].strip() or not texts[j].strip():  # a pair table's sides are never empty (schemas)
+        reason = f"the {'chosen' if not texts[c].strip() else 'rejected'} sample is empty"
     if reason is not None:
         row.update(status="filtered", error=reason, pair_id=row["row_key"])
     else:

@@ -80,6 +80,17 @@ def test_labels_are_argmax_argmin_of_the_implicit_reward(tmp_path):
     assert json.loads(q1["extra"])["rewards"] == pytest.approx([1.0, 4.0, 0.5])
 
 
+def test_an_empty_sample_on_either_side_is_filtered_not_a_broken_pair(tmp_path):
+    # r = policy - ref = 0.5·len(y): the empty sample has the lowest reward and would be the rejected side
+    answers = {"q1": ["", "abc", "ab"]}
+    register_reference("sft-empty", ScriptedLM("sft", answers, ref_lp))
+    res, out = _run(prompts(["q1"]), ScriptedLM("pi0", answers, policy_lp), tmp_path, n_samples=3,
+                    ref_model="sft-empty")
+    row = out.to_pylist()[0]
+    assert (row["status"], row["error"]) == ("filtered", "the rejected sample is empty")
+    assert res.summary["status"]["main"] == {"filtered": 1}
+
+
 def test_policy_equal_to_reference_ties_and_is_filtered(tmp_path):
     pol = ScriptedLM("pi", ANSWERS, policy_lp)
     _, out = _run(prompts(), pol, tmp_path, n_samples=3)              # ref_model None: the policy itself
