@@ -12,7 +12,7 @@ from pipeline.errors import InputError
 from pipeline.stage import get_stage
 from pipeline.store import RunStore
 from pipeline.tasks.arith import TaskConfig, apply_op, make_split, problems_to_table
-from pipeline.tasks.verify import step_lines, verify_steps
+from pipeline.tasks.verify import first_wrong_step, step_lines
 from pipeline.tasks.registry import item_for_row
 from stages.intervention import (InterventionConfig, line_spans, load_patterns, math_wrong_unit, parse_index,
                                  sentence_spans)
@@ -313,7 +313,7 @@ def test_tiny_policy_corrected_chosen_verifies(tmp_path):
     raw_rate = sum(r["chosen_verified"] for r in ok) / max(1, len(ok))
     print(f"\nintervention on tiny policy: {len(ok)} pairs, chosen verified before filter {raw_rate:.3f}")
     assert len(ok) >= 20
-    assert all(verify_steps(r["chosen"], p) == r["chosen_verified"] for r in ok
+    assert all((first_wrong_step(r["chosen"], p) is None) == r["chosen_verified"] for r in ok
                for p in probs if p.id == r["prompt_id"])
     # The corrected prefix is right by construction; whether the policy's own continuation then stays right is
     # a property of the policy. The committed 55 % policy: 76 % (0.97 with the earlier 90 % one). Its errors are

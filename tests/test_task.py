@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import InputError
 from pipeline.tasks.arith import TEMPLATES, TaskConfig, apply_op, canonical_key, make_split, problems_to_table
 from pipeline.tasks.verify import (extract_answer, first_wrong_step, problem_from_meta, problems_from_table,
-                                   step_lines, verify_answer, verify_steps)
+                                   step_lines, verify_answer)
 
 ALL_OPS = TaskConfig(ops=["+", "-", "*", "/"], min_steps=2, max_steps=6, seed=7)
 
@@ -56,7 +56,7 @@ def test_verifiers_accept_all_gold_and_reject_all_corrupted_answers(problems):
     rng = random.Random(0)
     for p in problems:
         assert verify_answer(p.gold_solution, p) and verify_answer(p.gold_solution, p.answer)
-        assert verify_steps(p.gold_solution, p) and first_wrong_step(p.gold_solution, p) is None
+        assert first_wrong_step(p.gold_solution, p) is None
         bad = p.answer + rng.choice([-10, -1, 1, 2, 100])
         corrupted = "\n".join(p.gold_steps + [f"Answer: {bad}"])
         assert not verify_answer(corrupted, p)
@@ -87,7 +87,6 @@ def test_first_wrong_step_names_the_corrupted_step(problems, kind):
         steps[k - 1] = _corrupt(steps[k - 1], kind, rng)
         text = "\n".join(steps + [f"Answer: {p.answer}"])
         assert first_wrong_step(text, p) == k, (kind, text)
-        assert not verify_steps(text, p)
 
 
 def test_step_verifier_structure_cases():

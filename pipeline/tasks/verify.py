@@ -83,10 +83,6 @@ def first_wrong_step(text: str, problem: Problem) -> int | None:
     return None
 
 
-def verify_steps(text: str, problem: Problem) -> bool:
-    return first_wrong_step(text, problem) is None
-
-
 def problem_from_meta(meta: str | dict) -> Problem:
     """Rebuild a Problem from the `meta` JSON column of a task table (see arith.problems_to_table)."""
     try:
