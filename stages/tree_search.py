@@ -53,7 +53,7 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
         return self
 
     def gold_needed(self) -> str | None:
-        if self.value_fn == "logprob":
+        if self.value_fn in ("logprob", "reward_model"):  # neither needs a gold answer to value a node
             return None
         return f"gold answers for value_fn {self.value_fn!r} (use value_fn: logprob on open prompts)"
 

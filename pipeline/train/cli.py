@@ -65,8 +65,8 @@ def _output_dir_short_flag(params: list[inspect.Parameter]) -> list[inspect.Para
 
 def register(app: typer.Typer, stage_app: typer.Typer) -> None:
     def train_cmd(config: Optional[Path] = None, **options) -> None:
-        """Train the policy on preference pairs (DPO and friends), ranked lists, or SFT; writes
-        OUTPUT_DIR/{metrics.jsonl, final/, train_summary.json}."""
+        """Train the policy on preference pairs (DPO and friends), ranked lists, or SFT, or a reward model
+        (--mode reward); writes OUTPUT_DIR/{metrics.jsonl, final/, train_summary.json}."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from pipeline.train.config import load_config
         from pipeline.train.launch import make_trainer
@@ -78,7 +78,8 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
             close()
         last = result.history[-1] if result.history else {}
         shown = {k: last[k] for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                                      "logps/rejected", "grad_norm") if k in last}
+                                      "logps/rejected", "grad_norm", "accuracy", "eval/accuracy", "eval/margin")
+                 if k in last}
         typer.echo(json.dumps({"steps": result.steps, "output_dir": str(result.output_dir),
                                "reference_cache_reused": result.ref_reused, "last": shown}))
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.config_io import FiniteFloat, read_config, validate
 from pipeline.train.data import TokenizeConfig
 from pipeline.train.losses import ListLossConfig, LossConfig
+from pipeline.train.reward_config import RewardConfig
 
 
 _Beta = Annotated[FiniteFloat, Field(ge=0, lt=1)]
@@ -34,8 +35,10 @@ class TrainConfig(BaseModel):
     data: str = Field(..., description="pair or ranked-list table: .parquet, a folder of shards, or .jsonl")
     data_kind: Literal["auto", "pairs", "lists"] = Field(
         "auto", description="auto: a `responses` column means ranked lists, else pairs")
-    mode: Literal["preference", "sft"] = Field(
-        "preference", description="sft: token-mean NLL of prompt -> chosen (or `completion`) only; no reference")
+    mode: Literal["preference", "sft", "reward"] = Field(
+        "preference", description="sft: token-mean NLL of prompt -> chosen (or `completion`) only; no reference. "
+        "reward: a scalar-head reward model (verifier) on pair tables, saved as an "
+        "AutoModelForSequenceClassification folder (settings: the `reward` section; docs/reward-model.md)")
     sft_column: str | None = Field(
         None, description="mode sft: the column to train on (e.g. `gold` of a bundled-task prompts table); "
         "None = `completion`, else `chosen`")
@@ -48,6 +51,7 @@ class TrainConfig(BaseModel):
     loss: LossConfig = Field(default_factory=LossConfig, description="pairwise loss (sigmoid DPO, beta 0.1)")
     list_loss: ListLossConfig = Field(default_factory=ListLossConfig, description="ranked-list loss")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="rows -> token ids")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="mode reward: objective, held-out split")
 
     lr: FiniteFloat = Field(1e-6, gt=0, description="peak learning rate (TRL's default)")
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
@@ -134,10 +138,12 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.mode == "sft" and self.data_kind == "lists":
             raise ValueError("mode sft trains on pairs' chosen side or a completion column, not ranked lists")
+        if self.mode == "reward" and self.data_kind == "lists":
+            raise ValueError("mode reward trains on pair tables, not ranked lists")
         if self.sft_column is not None and self.mode != "sft":
             raise ValueError("sft_column applies to mode sft only")
-        if self.pair_filter != "none" and (self.mode == "sft" or self.data_kind == "lists"):
-            raise ValueError("pair_filter applies to preference pairs, not mode sft or ranked lists")
+        if self.pair_filter != "none" and (self.mode != "preference" or self.data_kind == "lists"):
+            raise ValueError("pair_filter applies to preference pairs, not mode sft / reward or ranked lists")
         if self.share_prompt and self.attn_implementation == "flash_attention_2":
             raise ValueError("share_prompt needs a block attention mask, which flash_attention_2 cannot take: "
                              "use sdpa or eager")

@@ -16,10 +16,14 @@ class SearchConfig(BaseModel):
 
     variant: Literal["mcts", "best_first", "tpo_list"] = Field(
         "mcts", description="mcts: PRISM MCTS; best_first: Tree-PLV best-first; tpo_list: TPO ranked lists")
-    value_fn: Literal["rollout", "step_verifier", "logprob"] = Field(
+    value_fn: Literal["rollout", "step_verifier", "logprob", "reward_model"] = Field(
         "rollout", description="node value: rollout = share of rollouts reaching the gold answer (terminals: "
                                "answer check); step_verifier = exact task step check; logprob = exp(mean token "
-                               "log-prob) of the response")
+                               "log-prob) of the response; reward_model = sigmoid of a reward model's score of "
+                               "prompt + prefix + step (value_model; terminals with a gold answer: answer check)")
+    value_model: str | None = Field(
+        None, validate_default=True, description="value_fn reward_model: the reward-model folder "
+        "(AutoModelForSequenceClassification, e.g. from `prefpipe train --mode reward`)")
     # --- search shape
     expansion_width: int = Field(3, ge=1, description="continuations sampled per expansion (PRISM width)")
     max_depth: int = Field(8, ge=1, description="deepest step a node may have")
@@ -48,6 +52,13 @@ class SearchConfig(BaseModel):
     step_stop: list[NonEmptyStr] = Field(default_factory=lambda: ["\n"], description="strings that end a step")
     step_join: str = Field("\n", description="string between steps in a response")
     terminal_regex: str = Field(r"^\s*Answer\s*:", description="a step matching this ends the response")
+
+    @field_validator("value_model")
+    @classmethod
+    def _model_needs_reward_fn(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if (v is None) != (info.data.get("value_fn") != "reward_model"):  # value_fn is declared first
+            raise ValueError("value_model goes with value_fn: reward_model, and reward_model needs a value_model")
+        return v
 
     @field_validator("branch_on_error")
     @classmethod

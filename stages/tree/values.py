@@ -8,6 +8,9 @@ The search maps it to its own scale (PRISM MCTS uses [-1, 1]: reward = 2 v - 1).
   value is the answer check (Tree-PLV: 1[answer = gold]).
 - `step_verifier`: the task's exact step check (1 if every step so far is right), no model call.
 - `logprob`: exp(mean token log-prob) of the response under the policy, one teacher-forced `logprobs` call.
+- `reward_model`: sigmoid of a reward model's score (`value_model`, pipeline/judges/reward_model.py) of prompt +
+  prefix + step, every new node in ONE batched scoring call, no rollouts and no policy call; a terminal node of a
+  task with a gold answer takes its answer check instead, as with rollouts (free and exact).
 A judge-scored value plugs in the same way once the judge primitive exists.
 """
 from __future__ import annotations
@@ -74,9 +77,25 @@ def evaluate(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig, see
         for i, s in zip(pending, shares):
             out[i] = NodeValue(s, rollout_success=s)
         return out  # type: ignore[return-value]
+    if cfg.value_fn == "reward_model":
+        return _reward_model_values(items, cfg)
     if cfg.value_fn == "logprob":
         if not items:
             return []
         res = backend.logprobs([w.tree.prompt for w, _ in items], [w.tree.response(n) for w, n in items])
         return [NodeValue(math.exp(r.total / max(1, len(r.per_token)))) for r in res]
     raise InputError(f"unknown value_fn {cfg.value_fn!r}", column="value_fn")
+
+
+def _reward_model_values(items: Sequence[tuple[Work, Node]], cfg: SearchConfig) -> list[NodeValue]:
+    from pipeline.judges.reward_model import load_scorer  # torch + transformers: only when this value is used
+    checked = [w.task.has_gold and node.is_terminal for w, node in items]
+    scored = [i for i, c in enumerate(checked) if not c]
+    scores = load_scorer(cfg.value_model).score_steps(
+        [items[i][0].tree.prompt for i in scored],
+        [items[i][0].tree.prefix_text(items[i][0].tree.parent(items[i][1])) for i in scored],
+        [items[i][1].step_text for i in scored]) if scored else []
+    out = [NodeValue(_terminal_value(w, node)) if c else None for (w, node), c in zip(items, checked)]
+    for i, s in zip(scored, scores):
+        out[i] = NodeValue(0.5 * (1.0 + math.tanh(s / 2)))  # the sigmoid, without exp's overflow
+    return out  # type: ignore[return-value]
