@@ -56,5 +56,6 @@ def test_generator_options_reach_the_generator_and_the_row():
 def test_answer_without_tags_and_unknown_dataset():
     row = get_task("reasoning-gym:chain_sum").make(1, "train", seed=0).to_pylist()[0]
     assert item_for_row(row).correct(f"Let me add.\nThe answer is {row['gold_answer']}.")
+    assert item_for_row(row).correct(f'The answer is: "{row["gold_answer"]}".')
     with pytest.raises(InputError, match="unknown reasoning-gym dataset 'no_such'"):
         get_task("reasoning-gym:no_such")

@@ -93,7 +93,7 @@ class GymTask(Task):
             return tagged
         said = _SAID.findall(response)
         if said:
-            return said[-1].strip().rstrip(".")
+            return said[-1].strip().rstrip(".").strip().strip("\"'“”")  # 'The answer is: "tuop".' -> tuop
         lines = [ln.strip() for ln in response.splitlines() if ln.strip()]
         return lines[-1] if lines else None
 
