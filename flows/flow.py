@@ -101,6 +101,8 @@ def prefpipe_flow(config_path: str) -> dict:
     tasks = {"inputs": inputs_task, "eval": eval_task, "stage": stage_task, "train": train_task,
              "report": report_task, "export": export_task}
     out, futures = {}, {}
+    if cfg.workers > 1:
+        parallel.preload()
     try:
         for key, deps in parallel.plan(cfg):
             kind, args = _call(cfg, key)
@@ -128,6 +130,7 @@ def run_local(config_path: str) -> dict:
         if cfg.workers == 1:
             return {key: run[kind](*args) for key, (kind, args) in ((k, _call(cfg, k)) for k, _ in plan)}
         futures: dict = {}
+        parallel.preload()
         with ThreadPoolExecutor(len(plan)) as ex:
             for key, deps in plan:
                 kind, args = _call(cfg, key)

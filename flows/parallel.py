@@ -40,6 +40,18 @@ def pool(cfg: RunConfig) -> ProcessPoolExecutor:
         return _POOLS[key]
 
 
+def preload() -> None:
+    """Import torch, transformers' model classes and every stage module here, before steps run in threads of
+    this process: a module that two threads import at once is seen half-initialised by one of them ("partially
+    initialized module 'torch'", "cannot import name AutoModelForCausalLM")."""
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    from stages.catalog import load_stage_modules
+
+    load_stage_modules()
+
+
 def shutdown() -> None:
     with _LOCK:
         for p in _POOLS.values():

@@ -153,7 +153,8 @@ def eval_step(cfg: RunConfig, model: str, label: str) -> Path:
     else:
         problems = task_problems(cfg.eval.task)
     backend = backend_for("transformers", str(model), None)
-    res = evaluate_task(backend, problems, batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
+    res = evaluate_task(backend, problems, batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens,
+                        progress=None if no_progress() else f"eval {label}")
     res.update({"model": str(model), "label": label})
     atomic_write_bytes(out, json.dumps(res).encode())
     backend_for.cache_clear()
