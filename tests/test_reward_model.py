@@ -174,3 +174,15 @@ def test_tree_search_with_learned_values_makes_no_rollouts(trained):
             assert n["reward"] == pytest.approx(1 / (1 + math.exp(-s)), abs=1e-6) and n["rollout_success"] is None
             checked += 1
     assert checked >= 9  # 3 rounds of 3 candidates per tree, duplicates and terminals aside
+
+
+def test_reward_options_from_the_command_line():
+    """`prefpipe train` options reach the reward section; one pair type is a list of one (the option parser makes
+    a list only from a comma list)."""
+    from pipeline.train.cli import overrides
+    from pipeline.train.config import load_config
+    cfg = load_config(None, {"model": "m", "data": "d", **overrides(
+        {"mode": "reward", "reward__pair_types": "first_wrong_step", "reward__objective": "step_ranking"})})
+    assert (cfg.mode, cfg.reward.pair_types, cfg.reward.objective) == ("reward", ["first_wrong_step"], "step_ranking")
+    assert load_config(None, {"model": "m", "data": "d", **overrides({"reward__pair_types": "a,b"})}
+                       ).reward.pair_types == ["a", "b"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RewardConfig(BaseModel):
@@ -20,3 +20,8 @@ class RewardConfig(BaseModel):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out when eval_data is None")
     eval_every: int = Field(50, ge=1, description="evaluate on the held-out pairs every N optimizer steps")
     eval_batch: int = Field(64, ge=1, description="sequences per forward when scoring the held-out pairs")
+
+    @field_validator("pair_types", mode="before")
+    @classmethod
+    def _one_type(cls, v):
+        return [v] if isinstance(v, str) else v  # `--reward.pair-types terminal`: one name, not a comma list
