@@ -10,7 +10,6 @@ a text that does not carry the asked-for content is a failure, not a guess.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,6 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.backends.base import cut_at_stop
+from pipeline.judges.ask import ask_logprobs
+from pipeline.judges.parse import is_refusal  # noqa: F401  (stages import it from here)
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,6 @@ def fail(category: str, detail: str, value: Any = None) -> Parsed:
 _WS = re.compile(r"[ \t]+")
 _SENT = re.compile(r"(?<=[.!?])\s+|\n+")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_REFUSAL = re.compile(
-    r"\b(i'?m sorry|i am sorry|i can(?:not|'t)\b|i am unable|i'?m unable|as an ai\b|as a language model|"
-    r"i (?:will|won'?t) not (?:help|provide|answer)|i won'?t (?:help|provide|answer))", re.IGNORECASE)
 
 
 def words(text: str) -> list[str]:
@@ -80,10 +78,6 @@ def dedupe_repeats(text: str) -> tuple[str, int]:
             out_lines.append(_WS.sub(" ", " ".join(kept)).strip())
     cleaned = re.sub(r"\n{3,}", "\n\n", "\n".join(out_lines)).strip()
     return cleaned, dropped
-
-
-def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL.search(text))
 
 
 def ngram_copy_ratio(text: str, sources: Sequence[str], n: int = 4) -> float:
@@ -246,16 +240,8 @@ def yes_probability(backend, prompts: list, prefix: str = "", yes: str = "Yes", 
     A classifier out of any causal LM with no parsing step: one batched `logprobs` call scores both answers
     of every prompt. `prefix` is assistant text put before the answer word (e.g. "Answer: ").
     """
-    if not prompts:
-        return []
-    res = backend.logprobs([p for p in prompts for _ in (0, 1)],
-                           [prefix + w for _ in prompts for w in (yes, no)])
-    out = []
-    for i in range(len(prompts)):
-        ly, ln = res[2 * i].total, res[2 * i + 1].total
-        m = max(ly, ln)
-        out.append(math.exp(ly - m) / (math.exp(ly - m) + math.exp(ln - m)))
-    return out
+    answers = ask_logprobs(backend, list(prompts), [prefix + yes, prefix + no])
+    return [a.share(prefix + yes) for a in answers]
 
 
 def calibrate(p: float, p_content_free: float) -> float:

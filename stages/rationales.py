@@ -9,16 +9,24 @@ re-sharded run draws the same order) and recorded in `rationale_order` (chosen_f
 prompts therefore name the responses "A" and "B" and state which one is preferred (a random order
 needs the labels in the rationale prompt). `order="chosen_first"` reproduces the reference layout.
 
-Generation. One batched call per attempt for all pairs of a shard. By default the assistant turn is started
-with a lead ("Response B is better because") and the model continues it, which keeps even a 135M model on
-format; `lead=""` lets the model write freely. Greedy by default; rows whose rationale fails the checks are
-regenerated up to `max_attempts` times at `retry_temperature` (reject and regenerate).
+Generation. One batched call per attempt for all pairs of a shard. By default the model writes freely: a lead
+such as "Response B is better because" (the `lead` option) keeps a small model on format but fixes the verdict
+before the model writes, so the stance check could never catch a rationale that argues the other way. Greedy by
+default; rows whose rationale fails the checks are regenerated up to `max_attempts` times at
+`retry_temperature` (reject and regenerate).
+
+Stance. With `judge` set, a judge (pipeline/judges) reads each rationale in both orders of the responses (the
+rationale's A/B labels swapped with them) and decides which side it argues for; a verdict that flips with the
+order is "neither". A rationale for the rejected side (`argues_rejected`) or for neither (`argues_neither`) is
+filtered and counted; the judge's model, template version, raw answers and P(argues for the preferred side) go
+into `extra`. Without a judge the regex reader `stages._judge.argued_for` decides (`label_mismatch`).
 
 Checks (stages._judge; every failure is kept as a row with status `filtered` and an error text whose first
 word is the category, counted by `stages._judge.parse_report`):
   empty / too_short / refusal  the text itself;
   echo                         most of its 4-grams are copied from the prompt or the responses;
-  label_mismatch               it argues for the rejected response, or for both equally (`rationale_stance`).
+  label_mismatch               (no judge) it argues for the rejected response, or for both equally;
+  argues_rejected / argues_neither / judge_error   (judge) the judge's reading, or its unparseable answer.
 The prompt names the preferred label, so a rationale that argues the other way is a mismatch, not a guess.
 """
 from __future__ import annotations
@@ -34,6 +42,7 @@ from pydantic import Field, model_validator
 from pipeline.backends.base import SamplingParams
 from pipeline.config_io import NonEmptyStr
 from pipeline.errors import InputError
+from pipeline.judges.config import JudgeConfig, open_judge
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.pairs import group_fields
 from stages._common import now_utc, pair_id
@@ -82,8 +91,11 @@ class RationaleConfig(StageConfig):
     specific_template: str = Field(SPECIFIC_TEMPLATE, description="generation prompt of the specific style")
     train_template: str = Field(TRAIN_TEMPLATE, description="rationale_prompt written for the trainer; fields "
                                 "{prompt} {a} {b}")
-    lead: str = Field(LEAD, description="assistant text the rationale starts with ({preferred}, {other}); "
-                                        "empty: the model writes from scratch")
+    lead: str = Field("", description="assistant text the rationale starts with ({preferred}, {other}), e.g. "
+                                      f"{LEAD!r} (it fixes the verdict before the model writes); empty: the "
+                                      "model writes from scratch")
+    judge: JudgeConfig | None = Field(None, description="judge that reads each rationale in both orders and "
+                                                        "decides which side it argues for; None: the regex reader")
     temperature: float = Field(0.0, ge=0.0, description="first attempt (0 = greedy)")
     retry_temperature: float = Field(0.7, ge=0.0, description="temperature of the regeneration attempts")
     max_attempts: int = Field(2, ge=1, description="attempts per pair before it is filtered")
@@ -147,14 +159,15 @@ def join_lead(lead: str, continuation: str) -> str:
     return f"{lead.rstrip()}{sep}{continuation.lstrip()}"
 
 
-def check_rationale(continuation: str, lay: dict, cfg: RationaleConfig) -> Parsed:
-    """Parse one generated continuation; value = (rationale text incl. lead, stance)."""
+def check_rationale(continuation: str, lay: dict, cfg: RationaleConfig, judged: bool = False) -> Parsed:
+    """Parse one generated continuation; value = (rationale text incl. lead, stance). With `judged`, only the
+    text is checked here (stance None): the judge reads it afterwards."""
     f = lay["fields"]
     body = parse_text(continuation, min_words=cfg.min_words, sources=[f["prompt"], f["a"], f["b"]],
                       max_copy=cfg.max_copy_ratio)
     text = join_lead(lay["lead"], body.value or "")
-    stance = argued_for(text, f["preferred"], f["other"])
-    if not body.ok:
+    stance = None if judged else argued_for(text, f["preferred"], f["other"])
+    if not body.ok or judged:
         return Parsed(body.status, (text, stance), body.error)
     if stance != "preferred":
         what = {"other": f"Response {f['other']}, the rejected one", "tied": "both responses equally",
@@ -164,14 +177,60 @@ def check_rationale(continuation: str, lay: dict, cfg: RationaleConfig) -> Parse
     return Parsed("ok", (text, stance))
 
 
-def generate_rationales(layouts: list[dict], cfg: RationaleConfig, backend,
-                        seed: int) -> tuple[list[Parsed], list[int]]:
-    """All pairs in one batched call per attempt; only failed pairs are retried. Returns (parsed, attempts)."""
+def _generate(layouts: list[dict], cfg: RationaleConfig, backend, seed: int, attempts: range,
+              judged: bool) -> tuple[list[Parsed], list[int]]:
     return generate_parsed(
         backend, [lay["generation_prompt"] for lay in layouts],
-        lambda i, text: check_rationale(text, layouts[i], cfg),
-        lambda attempt: cfg.sampling_params(attempt, seed),
-        prefixes=[lay["lead"] for lay in layouts] if cfg.lead else None, max_attempts=cfg.max_attempts)
+        lambda i, text: check_rationale(text, layouts[i], cfg, judged),
+        lambda a: cfg.sampling_params(attempts.start + a, seed),
+        prefixes=[lay["lead"] for lay in layouts] if cfg.lead else None, max_attempts=len(attempts))
+
+
+def judge_stances(judge, layouts: list[dict], parsed: list[Parsed]) -> list[Parsed]:
+    """The judge's reading of every rationale that passed the text checks, in one batched call (both orders).
+    value = (text, stance, judge record for `extra`)."""
+    todo = [i for i, p in enumerate(parsed) if p.ok]
+    items = [(lay["fields"]["prompt"], lay["fields"]["a"], lay["fields"]["b"], parsed[i].value[0])
+             for i in todo for lay in (layouts[i],)]
+    out = list(parsed)
+    for i, v in zip(todo, judge.argues_for(items)):
+        text, pref = parsed[i].value[0], layouts[i]["fields"]["preferred"]
+        p_pref = None if v.p_a is None else (v.p_a if pref == "A" else 1 - v.p_a)
+        record = {"judge_model": v.model, "judge_template": v.template, "judge_raw": list(v.raw),
+                  "judge_p_preferred": p_pref}
+        if not v.ok:
+            out[i] = fail("judge_error", v.error, (text, None, record))
+            continue
+        stance = "none" if v.winner == "tie" else ("preferred" if (v.winner == "a") == (pref == "A") else "other")
+        if stance == "preferred":
+            out[i] = Parsed("ok", (text, stance, record))
+        elif stance == "other":
+            out[i] = fail("argues_rejected", f"the judge reads it as arguing for the rejected response "
+                                             f"(P(preferred) {p_pref:.2f})", (text, stance, record))
+        else:
+            out[i] = fail("argues_neither", f"the judge's reading flips with the order of the responses "
+                                            f"(P(preferred) {p_pref:.2f})", (text, stance, record))
+    return out
+
+
+def generate_rationales(layouts: list[dict], cfg: RationaleConfig, backend, seed: int,
+                        judge=None) -> tuple[list[Parsed], list[int]]:
+    """All pairs in one batched call per attempt; only failed pairs are retried. Returns (parsed, attempts).
+    With a judge, each attempt's rationales are judged (one batched call) before the failures are retried."""
+    if judge is None:
+        return _generate(layouts, cfg, backend, seed, range(cfg.max_attempts), False)
+    results: list[Parsed] = [fail("not_run", "no attempt")] * len(layouts)
+    used = [0] * len(layouts)
+    todo = list(range(len(layouts)))
+    for attempt in range(cfg.max_attempts):
+        if not todo:
+            break
+        sub = [layouts[i] for i in todo]
+        parsed, _ = _generate(sub, cfg, backend, seed, range(attempt, attempt + 1), True)
+        for i, p in zip(todo, judge_stances(judge, sub, parsed)):
+            results[i], used[i] = p, attempt + 1
+        todo = [i for i in todo if not results[i].ok]
+    return results, used
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -216,7 +275,8 @@ def run(rows: pa.Table, cfg: RationaleConfig, backend, ctx: StageContext) -> dic
     _check_input(records)
     live = [i for i, r in enumerate(records) if r.get("status", "ok") == "ok"]
     layouts = {i: layout(records[i], cfg, ctx) for i in live}
-    parsed, attempts = generate_rationales([layouts[i] for i in live], cfg, backend, ctx.seed)
+    judge = open_judge(cfg.judge, backend) if cfg.judge is not None else None
+    parsed, attempts = generate_rationales([layouts[i] for i in live], cfg, backend, ctx.seed, judge)
     by_row = {i: (p, a) for i, p, a in zip(live, parsed, attempts)}
     model = getattr(backend, "model_id", None) or "unknown"
     created = now_utc()
@@ -236,7 +296,7 @@ def run(rows: pa.Table, cfg: RationaleConfig, backend, ctx: StageContext) -> dic
         else:
             seen[new_id], pid = r["pair_id"], new_id
             status, error = ("ok", None) if p.ok else ("filtered", p.error)
-        text, stance = p.value if p is not None and p.value else (None, None)
+        text, stance, *judged = p.value if p is not None and p.value else (None, None)
         upd["pair_id"].append(pid)
         upd["stage"].append(STAGE)
         upd["method"].append(f"rdpo_{cfg.style}")
@@ -247,7 +307,7 @@ def run(rows: pa.Table, cfg: RationaleConfig, backend, ctx: StageContext) -> dic
         upd["extra"].append(_merge_extra(
             r.get("extra"), source_pair_id=r["pair_id"], source_stage=r.get("stage"),
             source_method=r.get("method"), rationale_order_mode=cfg.order,
-            preferred_label=lay["fields"]["preferred"] if lay else None))
+            preferred_label=lay["fields"]["preferred"] if lay else None, **(judged[0] if judged else {})))
         cols["rationale"].append(text)
         cols["rationale_prompt"].append(lay["train_prompt"] if lay else None)
         cols["rationale_style"].append(cfg.style)

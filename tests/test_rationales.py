@@ -86,7 +86,10 @@ def make_pairs(n: int, start: int = 0) -> pa.Table:
 
 
 def good_reply(prompt: str, prefix, sp) -> str:
-    return " it gives the right sum and shows the step." if prefix else "Response A is better: it is right."
+    if prefix:
+        return " it gives the right sum and shows the step."
+    pref = re.search(r"Response (\w) is better[.]", prompt).group(1)
+    return f"Response {pref} is better: it gives the right sum."
 
 
 def ctx(seed: int = 0) -> StageContext:
@@ -95,6 +98,7 @@ def ctx(seed: int = 0) -> StageContext:
 
 def run_direct(pairs: pa.Table, backend, **cfg) -> pa.Table:
     from schemas import validate
+    cfg.setdefault("lead", R.LEAD)  # these tests check the lead path; the default writes freely (test_judges_stages)
     return validate(R.run(validate(pairs, "pairs"), R.RationaleConfig(**cfg), backend, ctx())["main"], "pairs")
 
 
@@ -369,7 +373,7 @@ def test_tiny_random_model_end_to_end_counts_every_row(tiny_llama, tmp_path):
     from pipeline.backends import make_backend
     torch.set_num_threads(1)
     be = make_backend("transformers", str(tiny_llama))
-    cfg = R.RationaleConfig(max_tokens=12, max_attempts=2)
+    cfg = R.RationaleConfig(max_tokens=12, max_attempts=2, lead=R.LEAD)
     res = run_stage(SPEC, make_pairs(6), cfg, be, RunStore(tmp_path), shard_size=6, progress=False)
     out = res.read()
     rep = parse_report(out)

@@ -1,0 +1,72 @@
+"""Stages that call a judge, each against the scripted judge model (pipeline/judges/scripted.py) served by the
+project's OpenAI-compatible test server on 127.0.0.1 and read chat-only (votes), so the judge's behaviour,
+and therefore every verdict, is known exactly."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from pipeline.backends.testserver import serving
+from pipeline.judges.config import JudgeConfig
+from pipeline.judges.scripted import ScriptedJudgeModel
+from stages import rationales as R
+from stages._judge import parse_report
+from tests.test_rationales import ScriptedBackend, make_pairs, run_direct
+
+NOISE, BIAS = 0.1, 0.1   # P("A") = NOISE + (1 - 2 NOISE) [the explanation names A] + BIAS
+
+
+def reader(q: str):
+    """Reads which response an explanation names as better; a text naming none gets 1/2 (plus the bias)."""
+    if "MALFORMED" in q:
+        return "Hard to say, the explanation is odd."
+    named = re.search(r"Explanation: .*?Response ([AB]) is better", q, re.S)
+    truth = 0.5 if named is None else float(named.group(1) == "A")
+    p = NOISE + (1 - 2 * NOISE) * truth + BIAS
+    return {"A": p, "B": 1 - p}
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    with serving(ScriptedJudgeModel(reader), served_model="reader") as srv:
+        yield srv
+
+
+def writer(prompt: str, prefix, sp) -> str:
+    """Pair i: 0 argues for the preferred side, 1 for the rejected one, 2 for neither, 3 is unreadable."""
+    i = int(re.search(r"What is (\d+) plus two", prompt).group(1))
+    pref = re.search(r"Response (\w) is better[.]", prompt).group(1)
+    other = "B" if pref == "A" else "A"
+    return [f"Response {pref} is better because it shows the sum step by step.",
+            f"Response {other} is better because it states the result plainly.",
+            "Both responses are reasonable attempts at the sum here.",
+            "MALFORMED text that nobody can read at all."][i]
+
+
+def test_rationales_judged_in_both_orders_filter_and_count(judge_server):
+    judge = JudgeConfig(model="reader", backend="http", base_url=judge_server.url, votes=10, temperature=1.0)
+    policy = ScriptedBackend(writer)
+    out = run_direct(make_pairs(4), policy, lead="", judge=judge, max_attempts=1).to_pylist()
+    assert policy.calls == [("generate", 4)]          # no lead: the model writes the verdict itself
+    assert [r["status"] for r in out] == ["ok", "filtered", "filtered", "filtered"]
+    assert [r["rationale_stance"] for r in out] == ["preferred", "other", "none", None]
+    assert parse_report(pa_table(out))["errors"] == {"argues_rejected": 1, "argues_neither": 1, "judge_error": 1}
+    extra = [json.loads(r["extra"]) for r in out]
+    # Named side: P("A") 1.0 shown in slot A, 0.2 in slot B, whatever the order: P(preferred) = 1 - NOISE.
+    assert extra[0]["judge_p_preferred"] == pytest.approx(1 - NOISE, abs=1e-12)
+    assert extra[1]["judge_p_preferred"] == pytest.approx(NOISE, abs=1e-12)
+    assert extra[2]["judge_p_preferred"] == pytest.approx(0.5, abs=1e-12)  # the bias cancels; a tie
+    assert extra[0]["judge_model"] == "reader" and extra[0]["judge_template"].startswith("argues_for-")
+    assert out[3]["error"].startswith("judge_error: a-first order: unparseable: the judge answered '[\"Hard to say")
+    assert json.loads(extra[3]["judge_raw"][0]) == ["Hard to say, the explanation is odd."] * 10  # every vote
+
+
+def test_rationale_default_has_no_verdict_fixing_lead():
+    assert R.RationaleConfig().lead == ""
+
+
+def pa_table(rows):
+    import pyarrow as pa
+    return pa.Table.from_pylist(rows)
