@@ -44,7 +44,7 @@ def config_name(stage: str, output: str) -> str:
 
 
 def _everything(t: pa.Table) -> pa.Array:
-    return pa.array([True] * t.num_rows)
+    return pa.array([True] * t.num_rows, pa.bool_())  # typed: an empty shard's mask must still be boolean
 
 
 def _terminal_chosen(t: pa.Table) -> pa.Array:
