@@ -23,7 +23,10 @@ Scores come from a pluggable `score_source`:
              1-10" template asks the model for a goal the template never defines.
 - `verifier` the bundled task's verifier on each response (`meta` column): `verifier_correct_score` when right,
              else `verifier_wrong_score`; `verifier_mode="steps"` gives partial credit by the first wrong step.
-- `judge`    one judge generation per response (`JUDGE_TEMPLATE`, parsed "Score: N", 1-10); unparsable -> failed.
+- `judge`    with `judge` set: the judge primitive (pipeline/judges) scores each response on `judge_rubric` on
+             its declared `judge_scale`, mapped linearly onto 1-10 (votes on a chat-only server, the expected
+             score under the answer probabilities with log-probs); an unparseable answer fails the row with the
+             raw text. Without `judge`: one generation per response (`JUDGE_TEMPLATE`, parsed "Score: N", 1-10).
 - `logprob`  the mean token log-prob of each response under the model, quantile-binned into deciles 1..10 over
              the shard's responses ([reconstructed]; bins depend on the shard, so keep shard_size large).
 Model-based sources use the backend the engine passes or, when none (e.g. `prefpipe stage reward-relabel`
@@ -45,6 +48,7 @@ from pydantic import Field, model_validator
 
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
+from pipeline.judges.config import JudgeConfig, open_judge
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.pairs import SCORE_MAX, SCORE_MIN, carried, flip_sides, groups_of, make_pairs
 from stages._common import now_utc, pair_id
@@ -100,6 +104,12 @@ class RewardRelabelConfig(StageConfig):
     judge_template: str = Field(JUDGE_TEMPLATE, description="judge prompt; {prompt} and {response}")
     judge_max_tokens: int = Field(32, ge=1, description="judge tokens per response")
     score_model: str | None = Field(None, description="model for judge/logprob when no backend is passed in")
+    judge: JudgeConfig | None = Field(None, description="judge source: the judge primitive (its own model, or the "
+                                                        "stage's backend when judge.model is unset)")
+    judge_rubric: str = Field("how well the response answers the instruction: correct, complete, helpful",
+                              description="judge source with `judge`: the rubric of the pointwise score")
+    judge_scale: tuple[int, int] = Field((1, 10), description="judge source with `judge`: the judge's declared "
+                                                              "integer scale, mapped onto the goal's 1-10")
     score_backend: str = Field("transformers", description="backend kind for score_model")
     method: str = Field("reward_augmented", description="value of the method column")
 
@@ -110,6 +120,11 @@ class RewardRelabelConfig(StageConfig):
         for name in ("verifier_correct_score", "verifier_wrong_score"):
             if not GOAL_SCALE[0] <= getattr(self, name) <= GOAL_SCALE[1]:
                 raise ValueError(f"{name} {getattr(self, name):g} is off the template's 1-10 scale")
+        if self.judge is not None and self.score_source != "judge":
+            raise ValueError("`judge` configures score_source 'judge'; it does nothing for "
+                             f"{self.score_source!r}")
+        if not self.judge_scale[0] < self.judge_scale[1]:
+            raise ValueError(f"judge_scale {list(self.judge_scale)}: low must be below high")
         if self.score_range is not None:
             if self.score_source != "columns":
                 raise ValueError("score_range declares the range of the input's score columns: it needs "
@@ -276,6 +291,19 @@ def _scores_from_logprob(rows: list[dict], cfg: RewardRelabelConfig, backend):
     return means[0::2], means[1::2], [None] * len(rows)
 
 
+def _scores_from_judge_primitive(rows: list[dict], cfg: RewardRelabelConfig, backend):
+    """Both responses of every pair scored in one batched judge call, on the judge's scale, mapped to 1-10."""
+    verdicts = open_judge(cfg.judge, backend).score(
+        [(r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")], cfg.judge_rubric, cfg.judge_scale)
+    lo, hi = cfg.judge_scale
+    goal = [None if v.value is None else to_goal_scale(v.value, lo, hi, cfg.goal_decimals) for v in verdicts]
+    errors = []
+    for c, r in zip(verdicts[0::2], verdicts[1::2]):
+        bad = [f"judge on {side}: {v.error}" for side, v in (("chosen", c), ("rejected", r)) if v.error]
+        errors.append("; ".join(bad) if bad else None)
+    return goal[0::2], goal[1::2], errors
+
+
 def _score_backend(cfg: RewardRelabelConfig, backend):
     if backend is not None:
         return backend
@@ -292,6 +320,8 @@ def score_pairs(rows: list[dict], cfg: RewardRelabelConfig, backend) -> tuple[li
         cs, rs, errs = _scores_from_columns(rows, cfg)
     elif cfg.score_source == "verifier":
         cs, rs, errs = _scores_from_verifier(rows, cfg)
+    elif cfg.score_source == "judge" and cfg.judge is not None:
+        cs, rs, errs = _scores_from_judge_primitive(rows, cfg, backend)
     else:
         model = _score_backend(cfg, backend)
         fn = _scores_from_judge if cfg.score_source == "judge" else _scores_from_logprob

@@ -70,3 +70,36 @@ def test_rationale_default_has_no_verdict_fixing_lead():
 def pa_table(rows):
     import pyarrow as pa
     return pa.Table.from_pylist(rows)
+
+
+# ------------------------------------------------------------------------------------------ reward-relabel
+SCORES = {"Hi!": 5, "Go away.": 1, "Blue.": 4, "Car.": 2, "1 2 3": 5, "1 3": 0, "4": 3}   # on 0-5; "5": malformed
+
+
+def scorer(q: str):
+    response = re.search(r"Response: (.*?)\n\nGive one whole number from 0 to 5", q, re.S).group(1)
+    return f"Score: {SCORES[response]}" if response in SCORES else "It is fine, I suppose."
+
+
+def test_reward_relabel_judge_scores_on_its_declared_scale(tmp_path):
+    from tests.test_reward_relabel import _run, golden_input
+
+    with serving(ScriptedJudgeModel(scorer), served_model="scorer") as srv:
+        judge = JudgeConfig(model="scorer", backend="http", base_url=srv.url)
+        _, out = _run(golden_input(), tmp_path, score_source="judge", judge=judge, judge_scale=(0, 5),
+                      filter_fine_scores=False, fail_threshold=0.5)
+    rows = {(r["prompt_id"], r["flipped"]): r for r in out.to_pylist()}
+    # 0-5 placed on 1-10: 1 + 9 s / 5, one decimal.
+    assert (rows[("p1", False)]["chosen_score"], rows[("p1", False)]["rejected_score"]) == (10.0, 2.8)
+    assert (rows[("p2", False)]["chosen_score"], rows[("p2", False)]["rejected_score"]) == (8.2, 4.6)
+    assert (rows[("p3", False)]["chosen_score"], rows[("p3", False)]["rejected_score"]) == (10.0, 1.0)
+    assert rows[("p1", True)]["goal_score"] == 2.8 and rows[("p1", True)]["chosen"] == "Go away."
+    failed = [r for r in out.to_pylist() if r["prompt_id"] == "p4"]
+    assert [r["status"] for r in failed] == ["failed"]
+    assert failed[0]["error"].endswith("judge on rejected: unparseable: the judge answered 'It is fine, I suppose.'")
+
+
+def test_reward_relabel_judge_needs_the_judge_source():
+    from stages.reward_relabel import RewardRelabelConfig
+    with pytest.raises(ValueError, match="configures score_source 'judge'"):
+        RewardRelabelConfig(judge=JudgeConfig())
