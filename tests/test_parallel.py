@@ -55,3 +55,18 @@ def test_workers_must_be_positive(tmp_path):
 
     with pytest.raises(InputError, match="workers"):
         load_run_config(_config(tmp_path, "bad", workers=0))
+
+
+@pytest.mark.slow
+def test_prefect_flow_with_two_workers_writes_the_same_rows(tmp_path):
+    """The Prefect path submits the plan's steps with their dependencies; rows equal the one-process run."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.flow import prefpipe_flow, run_local
+
+    run_local(str(_config(tmp_path, "one")))
+    with prefect_test_harness(server_startup_timeout=120):
+        out = prefpipe_flow(str(_config(tmp_path, "two", workers=2)))
+    assert set(out) == {"inputs", "stage:pairs", "stage:pairs2", "stage:few"}
+    for stage in ("pairs", "pairs2", "few"):
+        assert RunStore(tmp_path / "one").stage(stage).read().equals(RunStore(tmp_path / "two").stage(stage).read())
