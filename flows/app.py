@@ -58,13 +58,13 @@ EXAMPLES = {
     "inspect": "prefpipe inspect runs/demo",
     "validate": "prefpipe validate runs/demo/tree --kind pairs",
     "fingerprint": "prefpipe fingerprint runs/demo tree",
-    "eval": "prefpipe eval --model runs/demo/train/b/final --n 200",
+    "eval": "prefpipe eval --task math --path problems.jsonl --model runs/demo/train/b/final --n 200",
     "train": "prefpipe train --model tiny-policy --data runs/demo/step-pairs --output-dir runs/train --beta 0.1",
     "export": "prefpipe export runs/demo --out runs/demo/export",
     "generate": "prefpipe generate -i prompts.jsonl -o runs/gen --n 4",
     "run": "prefpipe run flows/configs/demo.yaml",
     "serve": "prefpipe serve flows/configs/demo.yaml --cron '0 3 * * *'",
-    "task make": "prefpipe task make --out data/task --n 500",
+    "task make": "prefpipe task make --task reasoning-gym:chain_sum --out data/task --n 500",
     "task show": "prefpipe task show --n 3 --split eval",
 }
 STAGE_INPUTS = {"prompts": "prompts.jsonl", "trees": "runs/demo/tree@trees"}  # else: a stage folder of pairs
