@@ -9,6 +9,7 @@ difficulty) and prefpipe's own (`prompt`, `gold_answer`); anything else names it
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -71,12 +72,13 @@ def _timeout() -> int | None:
     return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
-def _parse(answer: str):
+@functools.lru_cache(maxsize=8192)  # the gold side repeats for every rollout of a problem
+def _parse(answer: str) -> tuple:
     from math_verify import parse
 
     a = answer[:MAX_ANSWER_CHARS]
     # Bare LaTeX (\frac{1}{2}, intervals) is only read inside math delimiters; plain prose only outside them.
-    return parse(f"${a}$", parsing_timeout=_timeout()) or parse(a, parsing_timeout=_timeout())
+    return tuple(parse(f"${a}$", parsing_timeout=_timeout()) or parse(a, parsing_timeout=_timeout()))
 
 
 def equivalent(answer: str | None, gold: str) -> bool:
@@ -88,7 +90,7 @@ def equivalent(answer: str | None, gold: str) -> bool:
     g, a = _parse(gold), _parse(answer)
     if not g or not a:  # nothing parsable on one side: fall back to the exact text
         return answer.strip() == gold.strip()
-    return bool(verify(g, a, timeout_seconds=_timeout()))
+    return bool(verify(list(g), list(a), timeout_seconds=_timeout()))
 
 
 class MathTask(Task):
