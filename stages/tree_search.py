@@ -22,6 +22,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import model_validator
 
+from pipeline.judges.config import require_logprobs
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.errors import InputError
 from stages._common import now_utc, pair_id
@@ -53,7 +54,7 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
         return self
 
     def gold_needed(self) -> str | None:
-        if self.value_fn in ("logprob", "reward_model"):  # neither needs a gold answer to value a node
+        if self.value_fn in ("logprob", "reward_model", "judge"):  # none needs a gold answer to value a node
             return None
         return f"gold answers for value_fn {self.value_fn!r} (use value_fn: logprob on open prompts)"
 
@@ -99,6 +100,8 @@ def _failed_pair(pid: str, prompt: str, error: str, key: str, model: str) -> dic
 def run(rows: pa.Table, cfg: TreeSearchConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
     """Tree-search preference pairs: MCTS / best-first / TPO lists, batched across trees."""
     model = getattr(backend, "model_id", None) or "unknown"
+    if cfg.value_fn == "logprob":  # before any row runs: a chat-only server cannot score text
+        require_logprobs(backend, "value_fn logprob")
     works, failed = [], []
     for row in rows.to_pylist():
         pid = row["prompt_id"]

@@ -103,3 +103,62 @@ def test_reward_relabel_judge_needs_the_judge_source():
     from stages.reward_relabel import RewardRelabelConfig
     with pytest.raises(ValueError, match="configures score_source 'judge'"):
         RewardRelabelConfig(judge=JudgeConfig())
+
+
+# ---------------------------------------------------------------------------------------------- tree search
+STEP_NOISE = 0.2
+
+
+def flipped(question: str, prefix: str, step: str) -> bool:
+    """The scripted step judge errs on a fixed, hash-chosen STEP_NOISE share of the (problem, prefix, step)s."""
+    import hashlib
+    h = int(hashlib.sha1(f"{question}|{prefix}|{step}".encode()).hexdigest()[:8], 16)
+    return h % 1000 < 1000 * STEP_NOISE
+
+
+def step_judge(items: dict):
+    """Knows the truth (the bundled task's exact step check of prefix + step), up to the scripted noise."""
+    def rule(q: str):
+        m = re.search(r"Problem: (.*)\n\nSteps so far:\n(.*)\n\nNext step: (.*)\n\nGiven the steps", q, re.S)
+        question, prefix, step = m.groups()
+        steps = ([] if prefix == "(none)" else prefix.split("\n")) + [step]
+        wrong = items[question].first_wrong_step("\n".join(steps))
+        right = wrong is None or wrong > len(steps)
+        return "Yes" if right != flipped(question, prefix, step) else "No"
+    return rule
+
+
+def test_tree_search_value_fn_judge_follows_the_judge_up_to_its_noise():
+    from pipeline.tasks.registry import item_for_row
+    from stages.tree_search import TreeSearchConfig, run
+    from tests.test_tree_search_fake import FakeArithBackend, task_rows
+    from pipeline.stage import StageContext
+
+    problems, table = task_rows(6)
+    items = {r["prompt"]: item_for_row(r) for r in table.to_pylist()}
+    with serving(ScriptedJudgeModel(step_judge(items)), served_model="step-judge") as srv:
+        judge = JudgeConfig(model="step-judge", backend="http", base_url=srv.url)
+        cfg = TreeSearchConfig(value_fn="judge", judge=judge, iterations=8, validity_rollouts=0)
+        policy = FakeArithBackend(problems, 0.7)
+        out = run(table, cfg, policy, StageContext("fp", 0, 7))
+    assert all(c["kind"] == "continue" for c in policy.calls)   # the policy only expands: no rollouts
+    agree = disagree = 0
+    for row in out["trees"].to_pylist():
+        nodes = {n["node_id"]: n for n in row["nodes"]}
+        for n in row["nodes"][1:]:
+            if n["is_terminal"]:
+                continue
+            path, p = [], n
+            while p["parent_id"] is not None:
+                path.append(p["step_text"])
+                p = nodes[p["parent_id"]]
+            step, prefix = path[0], "\n".join(reversed(path[1:])) or "(none)"
+            judged_right = bool(n["correct"]) != flipped(row["prompt"], prefix, step)
+            assert n["reward"] == (1.0 if judged_right else -1.0)   # PRISM's 2 P(Yes) - 1 with one greedy vote
+            agree += judged_right == bool(n["correct"])
+            disagree += judged_right != bool(n["correct"])
+    # The realised error rate is the scripted one: 0.2 +- 3 binomial sd over the judged nodes.
+    n_judged = agree + disagree
+    print(f"judged nodes {n_judged}, judge wrong on {disagree / n_judged:.3f} (scripted {STEP_NOISE})")
+    assert n_judged >= 30
+    assert abs(disagree / n_judged - STEP_NOISE) <= 3 * (STEP_NOISE * (1 - STEP_NOISE) / n_judged) ** 0.5

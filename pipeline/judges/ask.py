@@ -50,11 +50,12 @@ class Answer:
 
 def supports_logprobs(backend) -> bool:
     """Whether the backend can score text. The http backend can only with a local tokenizer (it finds the
-    answer's tokens in the server's echo); local backends always can."""
+    answer's tokens in the server's echo), so its `tokenizer` is None when it cannot; local backends always
+    can, and so can any backend that declares no tokenizer at all (a `supports_logprobs` flag overrides)."""
     flag = getattr(backend, "supports_logprobs", None)
     if flag is not None:
         return bool(flag)
-    return getattr(backend, "tokenizer", None) is not None
+    return getattr(backend, "tokenizer", True) is not None
 
 
 def ask_votes(backend, prompts: Sequence, parse: Callable[[str], Any], sampling: SamplingParams,

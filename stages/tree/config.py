@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from pipeline.backends.base import SamplingParams
 from pipeline.config_io import NonEmptyStr
+from pipeline.judges.config import JudgeConfig
 
 
 class SearchConfig(BaseModel):
@@ -16,11 +17,15 @@ class SearchConfig(BaseModel):
 
     variant: Literal["mcts", "best_first", "tpo_list"] = Field(
         "mcts", description="mcts: PRISM MCTS; best_first: Tree-PLV best-first; tpo_list: TPO ranked lists")
-    value_fn: Literal["rollout", "step_verifier", "logprob", "reward_model"] = Field(
+    value_fn: Literal["rollout", "step_verifier", "logprob", "reward_model", "judge"] = Field(
         "rollout", description="node value: rollout = share of rollouts reaching the gold answer (terminals: "
                                "answer check); step_verifier = exact task step check; logprob = exp(mean token "
                                "log-prob) of the response; reward_model = sigmoid of a reward model's score of "
-                               "prompt + prefix + step (value_model; terminals with a gold answer: answer check)")
+                               "prompt + prefix + step (value_model; terminals with a gold answer: answer check); "
+                               "judge = P(step correct | problem, steps before it) from an LLM judge (PRISM's "
+                               "step judge; `judge`; terminals with a gold answer: answer check)")
+    judge: JudgeConfig | None = Field(None, description="value_fn judge: the step judge (YAML; None: the policy's "
+                                                        "own backend, log-probs when it has them, else votes)")
     value_model: str | None = Field(
         None, validate_default=True, description="value_fn reward_model: the reward-model folder "
         "(AutoModelForSequenceClassification, e.g. from `prefpipe train --mode reward`)")

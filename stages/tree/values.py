@@ -11,7 +11,9 @@ The search maps it to its own scale (PRISM MCTS uses [-1, 1]: reward = 2 v - 1).
 - `reward_model`: sigmoid of a reward model's score (`value_model`, pipeline/judges/reward_model.py) of prompt +
   prefix + step, every new node in ONE batched scoring call, no rollouts and no policy call; a terminal node of a
   task with a gold answer takes its answer check instead, as with rollouts (free and exact).
-A judge-scored value plugs in the same way once the judge primitive exists.
+- `judge`: P(step correct | problem, the steps before it) from an LLM judge (pipeline/judges, PRISM's step judge),
+  one batched call for all nodes; terminals with a gold answer get the answer check. An answer the judge gives
+  that does not parse values the node at 0.5 (no information) and keeps the judge's error on the NodeValue.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from stages.tree.verifier import TreeTask
 class NodeValue:
     value: float
     rollout_success: float | None = None
+    error: str | None = None     # value_fn judge: the judge's unparseable answer (value 0.5)
 
 
 def rollout_success(items: Sequence[tuple[TreeTask, str]], backend, cfg: SearchConfig, n: int, seed: int,
@@ -79,6 +82,8 @@ def evaluate(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig, see
         return out  # type: ignore[return-value]
     if cfg.value_fn == "reward_model":
         return _reward_model_values(items, cfg)
+    if cfg.value_fn == "judge":
+        return _judge_values(items, backend, cfg)
     if cfg.value_fn == "logprob":
         if not items:
             return []
@@ -98,4 +103,17 @@ def _reward_model_values(items: Sequence[tuple[Work, Node]], cfg: SearchConfig) 
     out = [NodeValue(_terminal_value(w, node)) if c else None for (w, node), c in zip(items, checked)]
     for i, s in zip(scored, scores):
         out[i] = NodeValue(0.5 * (1.0 + math.tanh(s / 2)))  # the sigmoid, without exp's overflow
+    return out  # type: ignore[return-value]
+
+
+def _judge_values(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig) -> list[NodeValue]:
+    from pipeline.judges.config import JudgeConfig, open_judge
+    checked = [w.task.has_gold and node.is_terminal for w, node in items]
+    asked = [i for i, c in enumerate(checked) if not c]
+    verdicts = open_judge(cfg.judge or JudgeConfig(), backend).step(
+        [(items[i][0].tree.prompt, items[i][0].tree.trajectory(items[i][0].tree.parent(items[i][1])),
+          items[i][1].step_text) for i in asked]) if asked else []
+    out = [NodeValue(_terminal_value(w, node)) if c else None for (w, node), c in zip(items, checked)]
+    for i, v in zip(asked, verdicts):
+        out[i] = NodeValue(0.5, error=v.error) if v.error else NodeValue(v.value)
     return out  # type: ignore[return-value]
