@@ -41,10 +41,12 @@ from typing import ClassVar, Literal
 
 import pyarrow as pa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
+from pipeline.judges.config import JudgeConfig, open_judge
+from pipeline.judges.templates import template_version
 from pipeline.models import REPO_ROOT
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.pairs import make_pairs
@@ -169,10 +171,34 @@ class DeliberationConfig(StageConfig):
     belief_threshold: float = Field(0.5, ge=0.0, le=1.0, description="stop once viol(rejected) reaches it")
     pair_delta: float = Field(0.5, ge=-1.0, le=1.0, description="keep a pair when viol(rejected) - "
                                                                 "viol(selected) >= delta")
+    judge_model: str | None = Field(None, description="model of the classifier, the refiner and the faithfulness "
+                                                      "scores, separate from the agents' model; None: the agents' "
+                                                      "model judges (P(Yes) from its log-probs)")
+    judge_backend: Literal["transformers", "vllm", "http"] = Field("transformers", description="backend of "
+                                                                                             "judge_model")
+    judge_base_url: str | None = Field(None, description="server URL of judge_model (http)")
+    judge_mode: Literal["auto", "votes", "logprobs"] = Field(
+        "auto", description="votes: parse sampled answers (chat-only servers); logprobs: P of the answer tokens")
+    judge_votes: int = Field(1, ge=1, description="answers sampled per question in votes mode")
+    faithfulness_scale: tuple[int, int] = Field((1, 5), description="judge_model: scale of the faithfulness "
+                                                                    "scores (response follows its CoT and the policies)")
     templates_: DeliberationTemplates = Field(default_factory=DeliberationTemplates, alias="templates",
                                               description="prompt templates")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _judge_ok(self) -> "DeliberationConfig":
+        self.judge_config  # noqa: B018  (a judge that cannot work is refused when the config loads)
+        return self
+
+    @property
+    def judge_config(self) -> JudgeConfig | None:
+        if self.judge_model is None:
+            return None
+        return JudgeConfig(model=self.judge_model, backend=self.judge_backend, base_url=self.judge_base_url,
+                           mode=self.judge_mode, votes=self.judge_votes,
+                           temperature=None if self.judge_votes == 1 else 1.0)
 
     def templates(self) -> dict[str, str]:
         ps, _ = load_policies(self.policies)
@@ -267,6 +293,8 @@ class Row:
         self.removed = {"redundant": 0, "deceptive": 0, "policy_inconsistent": 0}
         self.cot: list[str] = []
         self.belief = None
+        self.faithfulness: tuple[float | None, float | None] = (None, None)
+        self.faithfulness_errors: list[str] = []
 
     @property
     def live(self) -> bool:
@@ -282,6 +310,20 @@ class Deliberation:
         self.policy_text = self.ps.render(cfg.policy_text)
         self.t = cfg.templates_
         self.calls = 0
+        self.judge = open_judge(cfg.judge_config) if cfg.judge_model else None
+
+    def p_yes(self, prompts: list[str], owners: list[Row], name: str) -> list[float]:
+        """P(Yes) of each prompt: the agents' model's log-probs, or the judge model. A judge answer that does not
+        parse ends its owner row with the raw text (`judge_error`); its probability is then 0.5, unused."""
+        if self.judge is None:
+            return yes_probability(self.be, prompts)
+        out = []
+        for v, r in zip(self.judge.ask_yes_no(prompts, template_version(name, "\n".join(
+                getattr(self.t, f) for f in ("judge_policy", "judge_correct", "violation")))), owners):
+            if v.error and r.error is None:
+                r.error = f"judge_error: {v.error}"
+            out.append(0.5 if v.error else v.value)
+        return out
 
     def live(self) -> list[Row]:
         return [r for r in self.rows if r.live]
@@ -395,7 +437,8 @@ class Deliberation:
                 for r in calibrate_rows] + [self.t.judge_correct.format(prompt=r.prompt, thought=CONTENT_FREE)
                                             for r in calibrate_rows]
         self.calls += bool(prompts)
-        probs = yes_probability(self.be, prompts + base)   # one batched call, calibration prompts included
+        owners = [r for r, _ in jobs] * 2 + list(calibrate_rows) * 2
+        probs = self.p_yes(prompts + base, owners, "refiner")   # one batched call, calibration prompts included
         if calibrate_rows:
             n, m = len(jobs), len(calibrate_rows)
             p0 = {id(r): (probs[2 * n + i], probs[2 * n + m + i]) for i, r in enumerate(calibrate_rows)}
@@ -424,8 +467,23 @@ class Deliberation:
 
     def violation(self, rows: list[Row], responses: list[str]) -> list[float]:
         self.calls += bool(rows)
-        return yes_probability(self.be, [self.t.violation.format(policies=self.policy_text, prompt=r.prompt,
-                                                                 response=resp) for r, resp in zip(rows, responses)])
+        return self.p_yes([self.t.violation.format(policies=self.policy_text, prompt=r.prompt, response=resp)
+                           for r, resp in zip(rows, responses)], rows, "classifier")
+
+    def faithfulness(self) -> None:
+        """The judge's score of each pair side: does the response follow its CoT, and the CoT the policies."""
+        rows = [r for r in self.live() if r.belief and r.belief["best"] is not None]
+        if self.judge is None or not rows:
+            return
+        rubric = f"faithfulness: the response follows its reasoning, and the reasoning follows these policies: " \
+                 f"{self.policy_text}"
+        fmt = self.t.cot_format
+        sides = [(r.prompt, fmt.format(cot=thought_lines(cot), response=resp)) for r in rows
+                 for cot, resp in ((r.cot, r.response), (r.belief["best"]["thoughts"], r.belief["best"]["response"]))]
+        got = self.judge.score(sides, rubric, self.cfg.faithfulness_scale)
+        for r, sel, rej in zip(rows, got[0::2], got[1::2]):
+            r.faithfulness = (sel.value, rej.value)
+            r.faithfulness_errors = [v.error for v in (sel, rej) if v.error]
 
     # 5. belief-augmented rejected side
     def beliefs(self) -> None:
@@ -481,6 +539,7 @@ class Deliberation:
         self.refine()
         if self.cfg.make_pairs:
             self.beliefs()
+            self.faithfulness()
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -535,7 +594,8 @@ def pair_rows(rows: list[Row], cfg: DeliberationConfig, ctx: StageContext, model
     for r in rows:
         key = ctx.row_key(r.pid, 1)
         row = {"pair_id": key, "prompt_id": r.pid, "prompt": r.prompt, "chosen": "", "rejected": "",
-               "stage": STAGE, "method": "aidsafe_belief", "generator_model": model, "judge_model": model,
+               "stage": STAGE, "method": "aidsafe_belief", "generator_model": model,
+               "judge_model": cfg.judge_model or model,
                "created_at": created, "row_key": key, "status": "filtered", "error": r.error,
                "extra": {"rounds_used": r.rounds, "stopped_by": r.stopped_by, "refiner_removed": r.removed,
                          "agent_unparsed": r.agent_unparsed, "cot_format": fmt, "selected_source": "aidsafe_refined",
@@ -558,6 +618,8 @@ def pair_rows(rows: list[Row], cfg: DeliberationConfig, ctx: StageContext, model
                 row["extra"]["belief_leaks"], row["extra"]["belief_source"] = leaks, best["source"]
                 rejected = fmt.format(cot=thought_lines(cot), response=best["response"])
                 margin = best["score"] - b["viol_selected"]
+                row["extra"]["faithfulness_errors"] = r.faithfulness_errors
+                row.update(faithfulness_selected=r.faithfulness[0], faithfulness_rejected=r.faithfulness[1])
                 row.update(rejected_cot=cot, rejected=rejected, belief=best["belief"], viol_rejected=best["score"],
                            chosen_score=1 - b["viol_selected"], rejected_score=1 - best["score"],
                            score_min=0.0, score_max=1.0,  # 1 - a violation probability

@@ -162,3 +162,43 @@ def test_tree_search_value_fn_judge_follows_the_judge_up_to_its_noise():
     print(f"judged nodes {n_judged}, judge wrong on {disagree / n_judged:.3f} (scripted {STEP_NOISE})")
     assert n_judged >= 30
     assert abs(disagree / n_judged - STEP_NOISE) <= 3 * (STEP_NOISE * (1 - STEP_NOISE) / n_judged) ** 0.5
+
+
+# --------------------------------------------------------------------------------------------- deliberation
+def safety_judge(q: str):
+    """A separate judge model: violations are the EVIL responses; faithfulness 5 for safe answers, 2 for EVIL;
+    question 1's classifier answer is unreadable."""
+    if "Give one whole number from 1 to 5" in q:
+        return "Score: 2" if "EVIL" in q else "Score: 5"
+    if "Does the response break any of the policies?" in q:
+        if "Question number 1:" in q:
+            return "Hmm."
+        return "Yes" if "Response: EVIL" in q else "No"
+    return "No" if "Ignore every policy" in q else "Yes"   # the refiner
+
+
+def test_deliberation_judge_model_classifies_refines_and_scores_faithfulness():
+    from tests.test_deliberation import World, prompts
+    from tests.test_deliberation import run_direct as run_deliberation
+
+    with serving(ScriptedJudgeModel(safety_judge), served_model="safety-judge") as srv:
+        out, policy = run_deliberation(prompts(3), World(bad_thought=True), judge_model="safety-judge",
+                                       judge_backend="http", judge_base_url=srv.url, refine_calibration="none")
+    assert "logprobs" not in {kind for kind, _ in policy.calls}      # the agents' model never judges
+    pairs = {r["prompt_id"]: r for r in out["main"].to_pylist()}
+    assert [pairs[p]["status"] for p in ("p-0", "p-1", "p-2")] == ["ok", "filtered", "ok"]
+    assert pairs["p-1"]["error"] == "judge_error: unparseable: the judge answered 'Hmm.'"
+    for p in ("p-0", "p-2"):
+        r = pairs[p]
+        assert (r["viol_selected"], r["viol_rejected"]) == (0.0, 1.0)
+        assert (r["faithfulness_selected"], r["faithfulness_rejected"]) == (5.0, 2.0)
+        assert r["judge_model"] == "safety-judge"
+        assert "Ignore every policy" not in "".join(r["selected_cot"])   # the refiner dropped the bad thought
+    sft = {r["prompt_id"]: r for r in out["sft"].to_pylist()}
+    assert json.loads(sft["p-0"]["refiner_removed"])["policy_inconsistent"] == 1
+
+
+def test_deliberation_refuses_a_logprob_judge_on_a_chat_only_server():
+    from stages.deliberation import DeliberationConfig
+    with pytest.raises(ValueError, match="needs log-probs"):
+        DeliberationConfig(judge_model="gpt-4o-mini", judge_backend="http", judge_mode="logprobs")
