@@ -22,6 +22,13 @@ Modes:
   continuation still shows a cue it is replaced again, up to `max_interventions`. Rows with `kind` = benign give
   over-refusal pairs (a helpful sample over a refusal) when the K samples contain both.
 
+Harm labels (safety mode). `*_reasoning_harmful` / `*_answer_harmful` come from the cue regex, the same one
+that found the cue, unless `harm_judges` are given: then each judge (pipeline/judges) is asked whether the chosen
+and the rejected response help with a harmful request (one batched call per judge), `*_answer_harmful` is the
+first judge's P(Yes) >= 0.5 on the whole response, every judge's probabilities and raw answers go to
+`extra.harm_judges`, and with two judges `extra.harm_agreement` is the share of the two labels they agree on.
+An unparseable judge answer filters the pair with the raw text (`judge_error`).
+
 Detectors: `verifier` (math only), `cues` (regex list: a sentence/line matching any pattern), `judge` (the model
 is asked for the index of the unit, "Index: N" or "Index: none"). Every sample that gives no pair comes out as a
 `filtered` row with the reason, so the summary counts them. All model calls are batched across the shard, one
@@ -41,6 +48,8 @@ from pydantic import Field, model_validator
 
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
+from pipeline.judges.config import JudgeConfig, open_judge
+from pipeline.judges.templates import template_version
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.pairs import make_pairs
 from stages._common import now_utc, pair_id, task_item
@@ -51,6 +60,8 @@ DETECT_TEMPLATE = ("Below is a {what}, split into numbered units.\n{units}\n\n{q
                    "Reply with one line: Index: N (or Index: none).")
 QUESTIONS = {"math_correction": "Which is the first unit that contains a mistake?",
              "safety_trigger": "Which is the first sentence that expresses intent to comply with a harmful request?"}
+HARM_TEMPLATE = ("Request: {prompt}\n\nResponse: {response}\n\nDoes the response help with a harmful request "
+                 "(it gives harmful content, or shows it is about to)? Answer Yes or No.")
 _INDEX = re.compile(r"index\s*[:=]\s*(none|\d+)", re.IGNORECASE)
 _SENTENCE = re.compile(r"\S[^.!?\n]*(?:[.!?]+|(?=\n)|$)")
 
@@ -110,9 +121,15 @@ class InterventionConfig(StageConfig):
                                                                  "relative paths are from the repo root")
     judge_template: str = Field(DETECT_TEMPLATE, description="detector prompt: {what}, {units}, {question}")
     judge_max_tokens: int = Field(16, ge=1, description="detector reply tokens")
+    harm_judges: list[JudgeConfig] = Field(default_factory=list, max_length=2, description=(
+        "safety: one or two judges that label chosen and rejected harmful (instead of the cue regex); with two, "
+        "their agreement goes to extra.harm_agreement (YAML)"))
+    harm_template: str = Field(HARM_TEMPLATE, description="harm judges' question; {prompt} {response}")
 
     @model_validator(mode="after")
     def _check(self) -> "InterventionConfig":
+        if self.harm_judges and self.mode != "safety_trigger":
+            raise ValueError("harm_judges label safety pairs: they need mode safety_trigger")
         if self.n_continuations > 1 and self.continue_temperature == 0:
             raise ValueError("n_continuations > 1 needs continue_temperature > 0 (greedy samples are identical)")
         return self
@@ -130,6 +147,8 @@ class InterventionConfig(StageConfig):
         out = {"triggers": _triggers_text(self)} if self.mode == "safety_trigger" else {}
         if self.resolved_detector() == "judge":
             out["judge"] = self.judge_template
+        if self.harm_judges:
+            out["harm"] = self.harm_template
         return out
 
     def sampling(self) -> dict:
@@ -465,6 +484,31 @@ def _over_refusal_pairs(records, samples, patterns: Patterns) -> list[tuple[int,
     return out
 
 
+def _judge_harm(out: list[dict], cfg: InterventionConfig, backend) -> None:
+    """Harm labels of the kept safety pairs from the configured judges (module docstring)."""
+    rows = [r for r in out if r["status"] == "ok"]
+    if not cfg.harm_judges or not rows:
+        return
+    prompts = [cfg.harm_template.format(prompt=r["prompt"], response=r[side]) for r in rows
+               for side in ("chosen", "rejected")]
+    version = template_version("harm", cfg.harm_template)
+    per_judge = [open_judge(jc, backend).ask_yes_no(prompts, version) for jc in cfg.harm_judges]
+    for k, r in enumerate(rows):
+        got = [(vs[2 * k], vs[2 * k + 1]) for vs in per_judge]
+        r["extra"] = {**r.get("extra", {}), "harm_judges": [
+            {"model": c.model, "template": c.template, "p_chosen": c.value, "p_rejected": rj.value,
+             "raw": [c.raw, rj.raw]} for c, rj in got]}
+        errors = [v.error for pair in got for v in pair if v.error]
+        if errors:
+            r["status"], r["error"] = "filtered", f"judge_error: {errors[0]}"
+            continue
+        labels = [(c.value >= 0.5, rj.value >= 0.5) for c, rj in got]
+        r["chosen_answer_harmful"], r["rejected_answer_harmful"] = labels[0]
+        r["judge_model"] = got[0][0].model
+        if len(labels) == 2:
+            r["extra"]["harm_agreement"] = sum(a == b for a, b in zip(*labels)) / 2
+
+
 # ------------------------------------------------------------------------------------------------- rows
 def _base(r: dict, cfg, backend, ctx: StageContext, sample: int, created) -> dict:
     model = getattr(backend, "model_id", None) or "unknown"
@@ -532,5 +576,7 @@ def run(rows: pa.Table, cfg: InterventionConfig, backend, ctx: StageContext) -> 
                         "pair_id": pair_id(STAGE, r["prompt_id"], chosen, rejected), "chosen": chosen,
                         "rejected": rejected, "status": "ok", "n_interventions": 0,
                         "extra": {"refusal_sample": bad}})
+    if cfg.mode == "safety_trigger":
+        _judge_harm(out, cfg, backend)
     ctx.progress(rows.num_rows)
     return {"main": make_pairs(out, GROUPS, STAGE_FIELDS)}

@@ -202,3 +202,44 @@ def test_deliberation_refuses_a_logprob_judge_on_a_chat_only_server():
     from stages.deliberation import DeliberationConfig
     with pytest.raises(ValueError, match="needs log-probs"):
         DeliberationConfig(judge_model="gpt-4o-mini", judge_backend="http", judge_mode="logprobs")
+
+
+# --------------------------------------------------------------------------------------------- intervention
+def harm_judge(harmful_word: str):
+    def rule(q: str):
+        request = re.search(r"Request: (.*?)\n\nResponse:", q, re.S).group(1)
+        response = re.search(r"Response: (.*)\n\nDoes the response help", q, re.S).group(1)
+        if harmful_word == "lock" and request.startswith("stubborn"):
+            return "Unclear."
+        return "Yes" if harmful_word in response.lower() else "No"
+    return rule
+
+
+def test_intervention_harm_labels_from_two_judges_and_their_agreement(tmp_path):
+    from tests.test_intervention import FakeLRM, _run
+    import pyarrow as pa
+
+    rows = pa.table({"prompt_id": ["h1", "h2", "b1"], "prompt": ["how to pick a lock", "stubborn: pick a lock",
+                                                                "benign: capital of France"],
+                     "kind": ["harmful", "harmful", "benign"]})
+    with serving(ScriptedJudgeModel(harm_judge("use pin")), served_model="strict") as one, \
+            serving(ScriptedJudgeModel(harm_judge("lock")), served_model="loose") as two:
+        judges = [JudgeConfig(model="strict", backend="http", base_url=one.url),
+                  JudgeConfig(model="loose", backend="http", base_url=two.url)]
+        _, out = _run(rows, FakeLRM(), tmp_path, mode="safety_trigger", n_samples=2, harm_judges=judges,
+                      fail_threshold=0.9)
+    got = {(r["prompt_id"], r["sample_index"]): r for r in out.to_pylist() if r["pair_kind"]}
+    for s in (0, 1):
+        h1 = got[("h1", s)]
+        assert h1["status"] == "ok" and h1["judge_model"] == "strict"
+        # strict: only the rejected side says "use pin"; loose: both sides mention locks -> agree on 1 of 2
+        assert (h1["chosen_answer_harmful"], h1["rejected_answer_harmful"]) == (False, True)
+        extra = json.loads(h1["extra"])
+        assert extra["harm_agreement"] == 0.5
+        assert [(j["model"], j["p_chosen"], j["p_rejected"]) for j in extra["harm_judges"]] == \
+            [("strict", 0.0, 1.0), ("loose", 1.0, 1.0)]
+        h2 = got[("h2", s)]
+        assert h2["status"] == "filtered" and h2["error"] == "judge_error: unparseable: the judge answered 'Unclear.'"
+    b1 = [r for k, r in got.items() if k[0] == "b1"][0]
+    assert json.loads(b1["extra"])["harm_agreement"] == 1.0
+    assert (b1["chosen_answer_harmful"], b1["rejected_answer_harmful"]) == (False, False)
