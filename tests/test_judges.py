@@ -176,3 +176,21 @@ def test_chat_only_backend_is_refused_where_logprobs_are_needed(server):
             Judge(be, mode="logprobs")
         with pytest.raises(InputError, match="value_fn logprob needs log-probs"):
             require_logprobs(be, "value_fn logprob")
+
+
+def test_real_model_logprob_judge_is_the_same_locally_and_over_http():
+    """The bundled tiny policy as a judge: the answer log-probs through the http backend (tokenizer here, the
+    server's echo) give the local backend's probabilities."""
+    import torch
+
+    from pipeline.backends.hf import TransformersBackend
+    torch.set_num_threads(1)
+    local = TransformersBackend("tiny-policy")
+    pairs = [("What is 2 + 3?", "Answer: 5", "Answer: 6"), ("What is 7 - 4?", "Answer: 1", "Answer: 3")]
+    here = Judge(local).pairwise(pairs)
+    with serving(local, served_model="tiny") as srv:
+        with HTTPBackend("tiny", base_url=srv.url, tokenizer="tiny-policy", max_retries=0) as be:
+            remote = Judge(be).pairwise(pairs)
+    for a, b in zip(here, remote):
+        assert a.p_first == pytest.approx(b.p_first, abs=1e-4)
+        assert 0.0 < a.p_first[0] < 1.0 and set(json.loads(a.raw[0])) == {"A", "B"}
