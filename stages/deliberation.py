@@ -11,7 +11,8 @@ SFT data, per prompt (every step is one batched call over all live prompts of th
                  "agreement") or at the budget ("budget"). With `revise_each_round` the response is rewritten
                  after a round that added thoughts.
   4. refine      near-duplicate thoughts are dropped as redundant (word Jaccard); the model then judges each
-                 remaining thought twice (policy-consistent? correct?) as P(Yes) from teacher-forced log-probs,
+                 remaining thought twice (policy-consistent? correct?) as P(Yes) (pipeline/judges: the answer
+                 log-probs, or parsed votes on a chat-only server; `judge_model` asks a separate model),
                  and thoughts under `refine_threshold` are dropped as policy_inconsistent or deceptive. The
                  response is rewritten from the refined CoT when thoughts were dropped. Counts go to
                  `refiner_removed`.
@@ -52,7 +53,7 @@ from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.pairs import make_pairs
 from stages._common import now_utc, pair_id
 from stages._judge import (Parsed, calibrate, dedupe_repeats, fail, generate_parsed, is_refusal, jaccard, ngram_copy_ratio,
-                           parse_bullets, parse_text, words, yes_probability)
+                           parse_bullets, parse_text, words)
 from schemas.tables import GENERATIONS
 
 STAGE = "aidsafe"
@@ -193,9 +194,9 @@ class DeliberationConfig(StageConfig):
         return self
 
     @property
-    def judge_config(self) -> JudgeConfig | None:
-        if self.judge_model is None:
-            return None
+    def judge_config(self) -> JudgeConfig:
+        """The refiner's and the classifier's judge; judge_model None: the agents' own backend (log-probs where
+        it has them, else votes, so a chat-only server runs the refiner and the classifier too)."""
         return JudgeConfig(model=self.judge_model, backend=self.judge_backend, base_url=self.judge_base_url,
                            mode=self.judge_mode, votes=self.judge_votes,
                            temperature=None if self.judge_votes == 1 else 1.0)
@@ -310,13 +311,11 @@ class Deliberation:
         self.policy_text = self.ps.render(cfg.policy_text)
         self.t = cfg.templates_
         self.calls = 0
-        self.judge = open_judge(cfg.judge_config) if cfg.judge_model else None
+        self.judge = open_judge(cfg.judge_config, backend)
 
     def p_yes(self, prompts: list[str], owners: list[Row], name: str) -> list[float]:
-        """P(Yes) of each prompt: the agents' model's log-probs, or the judge model. A judge answer that does not
-        parse ends its owner row with the raw text (`judge_error`); its probability is then 0.5, unused."""
-        if self.judge is None:
-            return yes_probability(self.be, prompts)
+        """P(Yes) of each prompt from the judge. An answer that does not parse ends its owner row with the raw
+        text (`judge_error`); its probability is then 0.5, unused."""
         out = []
         for v, r in zip(self.judge.ask_yes_no(prompts, template_version(name, "\n".join(
                 getattr(self.t, f) for f in ("judge_policy", "judge_correct", "violation")))), owners):
@@ -473,7 +472,7 @@ class Deliberation:
     def faithfulness(self) -> None:
         """The judge's score of each pair side: does the response follow its CoT, and the CoT the policies."""
         rows = [r for r in self.live() if r.belief and r.belief["best"] is not None]
-        if self.judge is None or not rows:
+        if self.cfg.judge_model is None or not rows:   # faithfulness is scored by a separate judge only
             return
         rubric = f"faithfulness: the response follows its reasoning, and the reasoning follows these policies: " \
                  f"{self.policy_text}"

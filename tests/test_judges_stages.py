@@ -243,3 +243,25 @@ def test_intervention_harm_labels_from_two_judges_and_their_agreement(tmp_path):
     b1 = [r for k, r in got.items() if k[0] == "b1"][0]
     assert json.loads(b1["extra"])["harm_agreement"] == 1.0
     assert (b1["chosen_answer_harmful"], b1["rejected_answer_harmful"]) == (False, False)
+
+
+def test_deliberation_on_a_chat_only_model_judges_by_votes():
+    """No log-probs (a hosted chat API): the agents' own model answers the refiner and the classifier in words."""
+    from schemas import validate
+    from stages import deliberation as D
+    from tests.test_deliberation import World, prompts
+    from pipeline.stage import StageContext
+
+    world = World(bad_thought=True)
+
+    def reply(prompt, prefix, sp):
+        return safety_judge(prompt) if prompt.endswith("Answer Yes or No.") else world.reply(prompt, prefix, sp)
+    chat = ScriptedBackend(reply)
+    chat.supports_logprobs = False
+    out = D.run(validate(prompts(3), "prompts"), D.DeliberationConfig(refine_calibration="none"), chat,
+                StageContext(fingerprint="f" * 64, shard_index=0, seed=7))["main"].to_pylist()
+    assert "logprobs" not in {kind for kind, _ in chat.calls}
+    assert [r["status"] for r in out] == ["ok", "filtered", "ok"]
+    assert out[1]["error"] == "judge_error: unparseable: the judge answered 'Hmm.'"
+    assert [(r["viol_selected"], r["viol_rejected"]) for r in (out[0], out[2])] == [(0.0, 1.0)] * 2
+    assert out[0]["faithfulness_selected"] is None   # faithfulness needs a separate judge_model
