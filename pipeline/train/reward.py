@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
@@ -90,7 +91,7 @@ def read_pairs(path: str, cfg: RewardConfig) -> pa.Table:
     if cfg.pair_types is not None:
         if "pair_type" not in table.column_names:
             raise InputError("reward.pair_types needs this column", file=path, column="pair_type")
-        table = table.filter(pa.compute.is_in(table["pair_type"], pa.array(cfg.pair_types)))
+        table = table.filter(pc.is_in(table["pair_type"], pa.array(cfg.pair_types)))
         if table.num_rows == 0:
             raise InputError(f"no row has a pair_type in {cfg.pair_types}", file=path, column="pair_type")
     return table
@@ -109,7 +110,7 @@ def split_prompts(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table
                          "reward.eval_data or more data", column="reward.eval_fraction")
     held = set(np.random.default_rng(seed).permutation(distinct)[:n_eval].tolist())
     mask = pa.array([k in held for k in keys])
-    return table.filter(pa.compute.invert(mask)), table.filter(mask)
+    return table.filter(pc.invert(mask)), table.filter(mask)
 
 
 def pair_metrics(rc: np.ndarray, rr: np.ndarray, types: list[str | None]) -> dict:
