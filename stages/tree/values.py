@@ -92,28 +92,34 @@ def evaluate(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig, see
     raise InputError(f"unknown value_fn {cfg.value_fn!r}", column="value_fn")
 
 
+def _model_values(items: Sequence[tuple[Work, Node]], value_of) -> list[NodeValue]:
+    """Terminal nodes of a task with a gold answer take the answer check (free and exact); every other node goes
+    to `value_of(those items)` in one call."""
+    checked = [w.task.has_gold and node.is_terminal for w, node in items]
+    asked = [i for i, c in enumerate(checked) if not c]
+    values = value_of([items[i] for i in asked]) if asked else []
+    out = [NodeValue(_terminal_value(w, node)) if c else None for (w, node), c in zip(items, checked)]
+    for i, v in zip(asked, values):
+        out[i] = v
+    return out  # type: ignore[return-value]
+
+
 def _reward_model_values(items: Sequence[tuple[Work, Node]], cfg: SearchConfig) -> list[NodeValue]:
     from pipeline.judges.reward_model import load_scorer  # torch + transformers: only when this value is used
-    checked = [w.task.has_gold and node.is_terminal for w, node in items]
-    scored = [i for i, c in enumerate(checked) if not c]
-    scores = load_scorer(cfg.value_model).score_steps(
-        [items[i][0].tree.prompt for i in scored],
-        [items[i][0].tree.prefix_text(items[i][0].tree.parent(items[i][1])) for i in scored],
-        [items[i][1].step_text for i in scored]) if scored else []
-    out = [NodeValue(_terminal_value(w, node)) if c else None for (w, node), c in zip(items, checked)]
-    for i, s in zip(scored, scores):
-        out[i] = NodeValue(0.5 * (1.0 + math.tanh(s / 2)))  # the sigmoid, without exp's overflow
-    return out  # type: ignore[return-value]
+
+    def value_of(asked: list[tuple[Work, Node]]) -> list[NodeValue]:
+        scores = load_scorer(cfg.value_model).score_steps(
+            [w.tree.prompt for w, _ in asked], [w.tree.prefix_text(w.tree.parent(n)) for w, n in asked],
+            [n.step_text for _, n in asked])
+        return [NodeValue(0.5 * (1.0 + math.tanh(s / 2))) for s in scores]  # the sigmoid, without exp's overflow
+    return _model_values(items, value_of)
 
 
 def _judge_values(items: Sequence[tuple[Work, Node]], backend, cfg: SearchConfig) -> list[NodeValue]:
     from pipeline.judges.config import JudgeConfig, open_judge
-    checked = [w.task.has_gold and node.is_terminal for w, node in items]
-    asked = [i for i, c in enumerate(checked) if not c]
-    verdicts = open_judge(cfg.judge or JudgeConfig(), backend).step(
-        [(items[i][0].tree.prompt, items[i][0].tree.trajectory(items[i][0].tree.parent(items[i][1])),
-          items[i][1].step_text) for i in asked]) if asked else []
-    out = [NodeValue(_terminal_value(w, node)) if c else None for (w, node), c in zip(items, checked)]
-    for i, v in zip(asked, verdicts):
-        out[i] = NodeValue(0.5, error=v.error) if v.error else NodeValue(v.value)
-    return out  # type: ignore[return-value]
+
+    def value_of(asked: list[tuple[Work, Node]]) -> list[NodeValue]:
+        verdicts = open_judge(cfg.judge or JudgeConfig(), backend).step(
+            [(w.tree.prompt, w.tree.trajectory(w.tree.parent(n)), n.step_text) for w, n in asked])
+        return [NodeValue(0.5, error=v.error) if v.error else NodeValue(v.value) for v in verdicts]
+    return _model_values(items, value_of)
