@@ -263,7 +263,7 @@ def _write_config(p: _Planned, folder: Path, test_ids: pa.Array | None, kind: st
         writers["test"].add(out.filter(test))
     ce.files = {s: paths for s, w in writers.items() if (paths := w.close())}
     ce.splits = dict(totals)
-    stats_table = pa.concat_tables(reduced)
+    stats_table = pa.concat_tables(reduced, promote_options="default")  # stages differ in optional columns
     ce.stats = {"pairs": pair_stats, "lists": list_stats, "sft": sft_stats}[src.kind](stats_table)
     return ce
 
