@@ -15,7 +15,6 @@ import typer
 from flows import cli as flow_commands
 from pipeline import hub_cli, store_cli
 from pipeline.errors import PrefpipeError
-from pipeline.stage import get_stage
 from pipeline.tasks import cli as task_commands
 from pipeline.tasks import eval_cli as eval_commands
 from pipeline.threads import DEFAULT_THREADS, set_threads
@@ -53,7 +52,7 @@ for _module in COMMAND_MODULES:
     _module.register(app, stage_app)
 
 # An example line under every command's --help (a command may set its own `epilog`; tests/test_app.py checks that
-# every command has one). Stage commands get theirs from the stage's input kind.
+# every command has one). Stage commands get theirs where they are registered (pipeline/stage_cli.py).
 EXAMPLES = {
     "inspect": "prefpipe inspect runs/demo",
     "validate": "prefpipe validate runs/demo/tree --kind pairs",
@@ -67,7 +66,6 @@ EXAMPLES = {
     "task make": "prefpipe task make --task reasoning-gym:chain_sum --out data/task --n 500",
     "task show": "prefpipe task show --n 3 --split eval",
 }
-STAGE_INPUTS = {"prompts": "prompts.jsonl", "trees": "runs/demo/tree@trees"}  # else: a stage folder of pairs
 
 
 def _add_examples(group: typer.Typer, prefix: str) -> None:
@@ -80,11 +78,6 @@ def _add_examples(group: typer.Typer, prefix: str) -> None:
 
 
 _add_examples(app, "")
-for _info in stage_app.registered_commands:
-    if _info.epilog is None:
-        _kind = get_stage(_info.name).input_kind
-        _info.epilog = (f"Example: prefpipe stage {_info.name} -i {STAGE_INPUTS.get(_kind, 'runs/demo/tree')} "
-                        f"-o runs/demo")
 
 
 def main() -> None:

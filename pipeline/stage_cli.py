@@ -113,6 +113,12 @@ _COMMON = {"input", "run_dir", "config", "model", "backend", "base_url", "shard_
            "overwrite", "print_fingerprint", "ray", "replicas"}
 
 
+# The example under each stage command's --help reads the stage's input kind (else: a stage folder of pairs).
+_EXAMPLE_INPUTS = {"prompts": "prompts.jsonl", "trees": "runs/demo/tree@trees"}
+
+
 def register_stage_commands(stage_app: typer.Typer, specs: list[StageSpec]) -> None:
     for spec in specs:
-        stage_app.command(spec.name)(make_stage_command(spec))
+        example = (f"Example: prefpipe stage {spec.name} -i {_EXAMPLE_INPUTS.get(spec.input_kind, 'runs/demo/tree')} "
+                   f"-o runs/demo")
+        stage_app.command(spec.name, epilog=example)(make_stage_command(spec))
