@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 from flows.config import RunConfig
 
@@ -75,15 +75,32 @@ def _picklable_ctx(ctx) -> dict:
 
 
 def shard_runner(cfg: RunConfig, backend: tuple | None):
-    """The engine's `runner`: every pending shard to the pool, (index, outputs) yielded as each one finishes.
-    `backend` is backend_for's (kind, model, base_url), built once per worker process."""
+    """The engine's `runner`: pending shards to the pool, (index, outputs) yielded as each one finishes.
+    `backend` is backend_for's (kind, model, base_url), built once per worker process.
+
+    At most `workers` shards of a stage wait in the pool at a time: the pool's queue is first come, first served,
+    so a step that becomes ready meanwhile (a training arm whose data is done) starts after two shards instead of
+    after the whole stage. Shard rows do not depend on which worker or when, so the output is unchanged."""
     def run(spec, stage_cfg, work):
-        futures: dict[Future, int] = {
-            pool(cfg).submit(_run_shard, spec.name, stage_cfg, rows, _picklable_ctx(ctx), backend): index
-            for index, rows, ctx in work}
+        pending = iter(work)
+        futures: dict[Future, int] = {}
+
+        def submit_next() -> None:
+            item = next(pending, None)
+            if item is not None:
+                index, rows, ctx = item
+                futures[pool(cfg).submit(_run_shard, spec.name, stage_cfg, rows, _picklable_ctx(ctx),
+                                         backend)] = index
+
+        for _ in range(cfg.workers):
+            submit_next()
         try:
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
+            while futures:
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    index = futures.pop(fut)
+                    submit_next()   # keep the pool busy while this process writes the finished shard
+                    yield index, fut.result()
         finally:
             for fut in futures:  # a failed shard stops the stage: drop the ones not started
                 fut.cancel()
