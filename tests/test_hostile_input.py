@@ -5,7 +5,6 @@ place (file, and row/column where there is one), and nothing written. Each case 
 Cases are (command, setup) pairs built below; `setup(tmp)` writes the hostile input into tmp and returns the
 CLI arguments and the fragments the message must contain.
 """
-import datetime as dt
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import pytest
 
 import tests.helpers.toy_stage  # noqa: F401  (registers toy-pairs)
 from tests.helpers.cli import run_cli
+from tests.helpers.tables import pairs_table
 from flows import app as cli
 from pipeline.engine import run_stage
 from pipeline.stage import get_stage
@@ -25,7 +25,6 @@ from pipeline.store import RunStore
 from tests.helpers.toy_stage import ToyConfig, prompts
 
 register_stage_commands(cli.stage_app, [get_stage("toy-pairs")])
-NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def snapshot(root: Path) -> dict:
@@ -35,14 +34,7 @@ def snapshot(root: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- table builders
-def pairs(**over) -> pa.Table:
-    base = {"pair_id": ["a", "b", "c"], "prompt_id": ["p", "p", "q"], "prompt": ["x", "x", "y"],
-            "shared_prefix": [None, "S", None], "chosen": ["c1", "S c2", "c3"], "rejected": ["r1", "S r2", "r3"],
-            "stage": ["tree"] * 3, "method": ["m"] * 3, "chosen_score": [1.0, 1.0, None],
-            "rejected_score": [0.0, 0.5, None], "score_margin": [1.0, 0.5, None], "generator_model": ["g"] * 3,
-            "created_at": [NOW] * 3, "extra": ["{}"] * 3, "row_key": ["k1", "k2", "k3"], "status": ["ok"] * 3}
-    base.update(over)
-    return pa.table(base)
+pairs = pairs_table
 
 
 def lists(**over) -> pa.Table:

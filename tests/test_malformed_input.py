@@ -1,5 +1,4 @@
 """Malformed input through the real CLI: non-zero exit, a message naming file/row/column, no partial output."""
-import datetime as dt
 import json
 
 import pyarrow as pa
@@ -11,19 +10,12 @@ from pipeline.stage import get_stage
 from pipeline.stage_cli import register_stage_commands
 import tests.helpers.toy_stage  # noqa: F401  (registers toy-pairs)
 from tests.helpers.cli import run_cli
+from tests.helpers.tables import pairs_table
 
 register_stage_commands(cli.stage_app, [get_stage("toy-pairs")])
 
 
-def _pairs(**over):
-    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    base = {"pair_id": ["a", "b", "c"], "prompt_id": ["p", "p", "q"], "prompt": ["x", "x", "y"],
-            "shared_prefix": [None, "S", None], "chosen": ["c1", "S c2", "c3"], "rejected": ["r1", "S r2", "r3"],
-            "stage": ["tree"] * 3, "method": ["m"] * 3, "chosen_score": [1.0, 1.0, None],
-            "rejected_score": [0.0, 0.5, None], "score_margin": [1.0, 0.5, None], "generator_model": ["g"] * 3,
-            "created_at": [now] * 3, "extra": ["{}"] * 3, "row_key": ["k1", "k2", "k3"], "status": ["ok"] * 3}
-    base.update(over)
-    return pa.table(base)
+_pairs = pairs_table
 
 
 def _write(path, content):
