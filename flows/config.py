@@ -303,6 +303,10 @@ def check_steps(cfg: RunConfig, file: str) -> None:
         spec = get_stage(step.stage)
         stage_cfg = validate(spec.config, step.config, file=file, prefix=("stages", i, "config"),
                              what=f"config of stage '{step.stage}'")
+        if spec.needs_backend:
+            from pipeline.judges.config import check_stage_logprobs
+            check_stage_logprobs(step.stage, stage_cfg, step.backend or cfg.backend, step.model or cfg.model,
+                                 file=file, column=f"stages.{i}.backend")
         if step.input == "inputs" and cfg.inputs.task_name is not None and stage_cfg.gold_needed():
             _check_named_task(cfg.inputs, ("stages", i), file, needs_gold=step.stage,
                               what=stage_cfg.gold_needed())

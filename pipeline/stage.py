@@ -42,6 +42,11 @@ class StageConfig(BaseModel):
         config whose inputs are a gold-free task (`prompts`) is refused at load with this text."""
         return None
 
+    def logprobs_needed(self) -> str | None:
+        """What this stage, so configured, needs the policy's teacher-forced log-probs for (None: generation is
+        enough). A chat-only http model (no local tokenizer) is refused at load with this text."""
+        return None
+
 
 @dataclass
 class StageContext:

@@ -49,6 +49,10 @@ def make_stage_command(spec: StageSpec):
         common = {k: kwargs.pop(k) for k in list(kwargs) if k in _COMMON}
         check_common(common)
         cfg = load_config(spec, common["config"], kwargs)
+        if spec.needs_backend:  # a stage that scores text cannot run on a chat-only server: say so before loading
+            from pipeline.judges.config import check_stage_logprobs
+            check_stage_logprobs(spec.name, cfg, common["backend"], common["model"], file="<command line>",
+                                 column="--backend")
         rows, store = None, RunStore(common["run_dir"])
         if not common["print_fingerprint"]:  # bad input or output fails here, before a model loads (seconds)
             rows = validate_input(read_input(common["input"], spec.input_kind), spec.input_kind,

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from pipeline.agreement import label_agreement
 from pipeline.backends.base import SamplingParams
+from pipeline.judges.config import require_logprobs
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.pairs import make_pairs
 from stages._common import now_utc, pair_id, task_item
@@ -47,6 +48,7 @@ STAGE_FIELDS = [
 # verification: chosen/rejected_correct on verifiable prompts (a `meta` column, carried so later stages can
 # verify), else null. No score_range: implicit rewards log π − log π_ref have no fixed scale.
 GROUPS = ("verification",)
+LOGPROBS_NEED = "its implicit rewards log π(y|x) − log π_ref(y|x) (teacher-forced log-probs of every sample)"
 
 
 class SelfLabelConfig(StageConfig):
@@ -69,6 +71,9 @@ class SelfLabelConfig(StageConfig):
 
     def sampling(self) -> dict:
         return self.sample_params(0).model_dump(mode="json", exclude={"seed"})
+
+    def logprobs_needed(self) -> str | None:
+        return LOGPROBS_NEED
 
     def sample_params(self, seed: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
@@ -172,6 +177,8 @@ def run(rows: pa.Table, cfg: SelfLabelConfig, backend, ctx: StageContext) -> dic
     records = rows.to_pylist()
     problems = [task_item(r) for r in records]
     ref = reference_backend(cfg, backend)
+    for b in (backend, ref):  # Python callers hand in backends the config load never saw
+        require_logprobs(b, f"self-label ({LOGPROBS_NEED})")
     models = (getattr(backend, "model_id", "unknown"), getattr(ref, "model_id", "unknown"))
     prompts = [r["prompt"] for r in records]
     samples = [[c.text for c in comps] for comps in backend.generate(prompts, cfg.sample_params(ctx.seed),

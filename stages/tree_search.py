@@ -58,6 +58,9 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
             return None
         return f"gold answers for value_fn {self.value_fn!r} (use value_fn: logprob on open prompts)"
 
+    def logprobs_needed(self) -> str | None:
+        return "value_fn logprob (the response's mean token probability)" if self.value_fn == "logprob" else None
+
     def sampling(self) -> dict:
         return {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "step_max_tokens",
                                               "rollout_max_tokens", "step_stop")}

@@ -58,10 +58,27 @@ class JudgeConfig(BaseModel):
     @property
     def scores_text(self) -> bool:
         """Whether the configured judge model can give log-probs (without loading it)."""
-        if self.backend != "http":
-            return True
-        name = self.tokenizer or self.model
-        return name in BUILT_IN_MODELS or (Path(str(name)).expanduser() / "config.json").is_file()
+        return self.backend != "http" or http_scores_text(str(self.model), self.tokenizer)
+
+
+def http_scores_text(model: str, tokenizer: str | None = None) -> bool:
+    """Whether an http model gives log-probs, known without loading anything: the http backend gets a local
+    tokenizer (and so log-probs) when `tokenizer` or the model is a built-in name or a local model folder; a
+    model known only by its served name (a hosted API) is chat-only."""
+    name = tokenizer or model
+    return name in BUILT_IN_MODELS or (Path(str(name)).expanduser() / "config.json").is_file()
+
+
+def check_stage_logprobs(stage: str, cfg, backend: str, model: str, *, file: str | None = None,
+                         column: str = "backend") -> None:
+    """Refuse at config load a stage that needs log-probs (`cfg.logprobs_needed()`) on a chat-only http model,
+    before any model loads. `@arm` models are trained folders of the run, which always give log-probs."""
+    need = cfg.logprobs_needed()
+    if need and backend == "http" and not model.startswith("@") and not http_scores_text(model):
+        raise InputError(f"stage {stage!r} needs log-probs for {need}, and {model!r} on the http backend is "
+                         "served chat-only (no local tokenizer, so no log-probs): run this stage on the "
+                         "transformers or vllm backend, or serve a model whose folder is local", file=file,
+                         column=column)
 
 
 @lru_cache(maxsize=4)
