@@ -97,6 +97,8 @@ class StageStep(_Strict):
     shard_size: int = Field(32, ge=1, description="input rows per shard (the unit of resume)")
     limit: int | None = Field(None, ge=1, description="take only the first N rows of the input (e.g. a baseline "
                                                        "that needs fewer prompts than the run has)")
+    skip: int = Field(0, ge=0, description="leave out the first N rows of the input (before `limit`), e.g. a "
+                                           "second search on problems the first one did not see")
     fail_threshold: FiniteFloat = Field(0.01, ge=0, le=1, description="fail above this share of failed rows")
     model: str | None = Field(None, description="override the run's model for this stage; `@ARM` = that "
                                                 "training arm's final model (needs phase post_train)")
@@ -117,6 +119,12 @@ class TrainArm(_Strict):
                                    "data and output_dir are the run's)")
     role: Literal["treatment", "baseline", "control"] = Field(
         "treatment", description="how the report labels this arm")
+
+    @property
+    def is_reward(self) -> bool:
+        """A reward-model arm (`config: {mode: reward}`): a classifier, not a policy. It is not evaluated on the
+        task (the report shows its held-out pairwise accuracy); a stage uses it as `value_model: "@NAME"`."""
+        return self.config.get("mode") == "reward"
 
 
 class EvalStep(TaskSource):
@@ -172,6 +180,16 @@ class RunConfig(_Strict):
             if s.folder == stage_id:
                 return s
         raise KeyError(stage_id)
+
+
+def arm_ref(value: object) -> str | None:
+    """The arm name of an `@ARM` reference (a stage's `model` or `value_model`), else None."""
+    return value[1:] if isinstance(value, str) and value.startswith("@") else None
+
+
+def policy_arms(cfg: RunConfig) -> list[TrainArm]:
+    """The arms that train a policy (every arm but reward models): the ones the eval and the report compare."""
+    return [a for a in cfg.train if not a.is_reward]
 
 
 def arm_fields(cfg: RunConfig, arm: TrainArm, data: str, output_dir: str) -> dict[str, Any]:
@@ -253,10 +271,15 @@ def _check_refs(cfg: RunConfig, file: str) -> None:
             fail(f"stage {s.folder!r} runs before training but reads post_train stage {s.input!r}", "stages", i,
                  "input")
     arms = [a.name for a in cfg.train]
+    by_name = {a.name: a for a in cfg.train}
     for i, s in enumerate(cfg.stages):
         if s.model and s.model.startswith("@") and (s.model[1:] not in arms or s.phase != "post_train"):
             fail(f"stage {s.folder!r}: model {s.model!r} needs a training arm of that name and phase: post_train",
                  "stages", i, "model")
+        if arm_ref(s.model) and by_name[s.model[1:]].is_reward:
+            fail(f"stage {s.folder!r}: model {s.model!r} is a reward arm (a classifier), not a policy; use it as "
+                 f"`value_model`", "stages", i, "model")
+        _check_value_model(s, i, by_name, [x.folder for x in cfg.stages[:i]], fail)
     for i, a in enumerate(cfg.train):
         if a.data.split("@")[0] in post:
             fail(f"train arm {a.name!r} reads post_train stage {a.data!r}", "train", i, "data")
@@ -264,12 +287,31 @@ def _check_refs(cfg: RunConfig, file: str) -> None:
             fail(f"train arm {a.name!r}: data {a.data!r} is not a stage id", "train", i, "data")
         if a.name in arms[:i]:
             fail(f"train arm names must be unique: {a.name!r} is given twice", "train", i, "name")
-    known = {"base", *arms, *(cfg.eval.compare_with if cfg.eval else {})}
+    known = {"base", *(a.name for a in policy_arms(cfg)), *(cfg.eval.compare_with if cfg.eval else {})}
     for pool, members in (cfg.eval.pools if cfg.eval else {}).items():
         unknown = [m for m in members if m not in known]
         if unknown or not members:
-            fail(f"eval pool {pool!r}: {unknown or 'no models'} not base, a train arm or a compare_with label",
+            fail(f"eval pool {pool!r}: {unknown or 'no models'} not base, a policy arm or a compare_with label",
                  "eval", "pools", pool)
+
+
+def _check_value_model(s: StageStep, i: int, arms: dict[str, TrainArm], earlier: list[str], fail) -> None:
+    """`value_model: "@ARM"`: a reward arm of this run, trained on stages listed before this one, so the run can
+    order it (that arm's data, the arm, then this stage) without waiting for every arm as post_train does. A folder
+    path is checked by the stage's own config (stages/tree/config.py)."""
+    name = arm_ref(s.config.get("value_model"))
+    if name is None:
+        return
+    loc = ("stages", i, "config", "value_model")
+    if name not in arms:
+        fail(f"stage {s.folder!r}: value_model '@{name}' names no training arm; arms: "
+             f"{', '.join(arms) or 'none'}", *loc)
+    arm = arms[name]
+    if not arm.is_reward:
+        fail(f"stage {s.folder!r}: value_model '@{name}' is not a reward arm (its config needs mode: reward)", *loc)
+    if s.phase == "generate" and arm.data.split("@")[0] not in earlier:
+        fail(f"stage {s.folder!r}: value_model '@{name}' trains on {arm.data!r}, which is not a stage listed before "
+             f"this one", *loc)
 
 
 def check_steps(cfg: RunConfig, file: str) -> None:

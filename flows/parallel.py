@@ -18,7 +18,7 @@ import multiprocessing
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
-from flows.config import RunConfig
+from flows.config import RunConfig, arm_ref, policy_arms
 
 _LOCK = threading.Lock()
 _POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}
@@ -115,23 +115,37 @@ def in_worker(cfg: RunConfig, fn, *args) -> str:
 
 def plan(cfg: RunConfig) -> list[tuple[str, list[str]]]:
     """Every step of the run as (key, keys it waits for), in the one-process order. Keys: inputs, eval:base,
-    stage:<id>, train:<arm>, eval:<arm>, report, export."""
+    stage:<id>, train:<arm>, eval:<arm>, report, export.
+
+    The order is inputs, base eval, generate-phase stages, arms, post_train stages, evals, except that a step
+    waiting for a later one moves behind it: a stage valued by a reward arm (`value_model: "@rm"`) runs once that
+    arm has trained, and the arm once its data stage is done (load checks that this has no cycle). Reward arms
+    get no eval (they are not policies)."""
     def source(ref: str) -> str:
         root = ref.split("@")[0]
         return "inputs" if root == "inputs" else f"stage:{root}"
 
+    def stage_deps(s) -> list[str]:
+        deps = [source(s.input)] + (arms if s.phase == "post_train" else [])
+        ref = arm_ref(s.config.get("value_model"))
+        return deps + ([f"train:{ref}"] if ref and f"train:{ref}" not in deps else [])
+
     arms = [f"train:{a.name}" for a in cfg.train]
-    steps_: list[tuple[str, list[str]]] = [("inputs", [])]
+    wanted: list[tuple[str, list[str]]] = [("inputs", [])]
     if cfg.eval:
-        steps_.append(("eval:base", []))
+        wanted.append(("eval:base", []))
     for phase in ("generate", "post_train"):
         if phase == "post_train":
-            steps_ += [(f"train:{a.name}", [source(a.data)]) for a in cfg.train]
-        for s in cfg.stages:
-            if s.phase == phase:
-                steps_.append((f"stage:{s.folder}", [source(s.input)] + (arms if phase == "post_train" else [])))
+            wanted += [(f"train:{a.name}", [source(a.data)]) for a in cfg.train]
+        wanted += [(f"stage:{s.folder}", stage_deps(s)) for s in cfg.stages if s.phase == phase]
     if cfg.eval:
-        steps_ += [(f"eval:{a.name}", [f"train:{a.name}"]) for a in cfg.train]
+        wanted += [(f"eval:{a.name}", [f"train:{a.name}"]) for a in policy_arms(cfg)]
+    steps_: list[tuple[str, list[str]]] = []
+    while wanted:  # the first step in the order above whose dependencies are all placed
+        ready = {k for k, _ in steps_}
+        step = next(x for x in wanted if set(x[1]) <= ready)
+        wanted.remove(step)
+        steps_.append(step)
     done = [k for k, _ in steps_]
     if cfg.report:
         steps_.append(("report", list(done)))

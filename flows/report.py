@@ -175,7 +175,7 @@ def _nll_coefs(cfg: RunConfig) -> dict[str, float]:
     out = {}
     for arm in cfg.train:
         loss = LossConfig(**arm.config.get("loss", {}))
-        if arm.config.get("mode") == "sft" or set(loss.loss_types) <= {"sft"}:
+        if arm.config.get("mode") in ("sft", "reward") or set(loss.loss_types) <= {"sft"}:
             continue
         coef = sum(w * NLL_COEF.get(t, 0.0) for t, w in zip(loss.loss_types, loss.weights))
         out[arm.name] = coef + (loss.rpo_alpha or 0.0 if loss.rpo_form == "average" else 0.0)
@@ -222,6 +222,8 @@ def build_summary(cfg: RunConfig) -> dict:
         summary["train"][arm.name] = {"role": arm.role, "data": arm.data, "steps": info.get("steps"),
                                       "groups": info.get("groups"), "logp_drift": _drift(info),
                                       "last": info.get("last")}
+        if arm.is_reward:  # a verifier: its held-out pairwise ranking instead of an eval on the task
+            summary["train"][arm.name]["reward_eval"] = info.get("final_eval")
     del base
     summary["headline"] = headline(cfg, summary)
     return summary
@@ -306,10 +308,13 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
                   "| arm | role | data | steps | pairs/rows | Δ logp chosen | Δ logp rejected |",
                   "|---|---|---|---|---|---|---|"]
         for k, t in s["train"].items():
+            if "reward_eval" in t:
+                continue
             d = t["logp_drift"] or {}
             chosen, rejected = (f"{d[x]:+.2f} ({d['groups']})" if x in d else "–" for x in ("chosen", "rejected"))
             lines.append(f"| {k} | {t['role']} | {t['data']} | {t['steps']} | {t['groups']} | {chosen} | {rejected} |")
         lines.append("")
+        lines += _reward_lines(s["train"])
     if s["stages"]:
         lines += ["## Stages", "", "| stage | rows | status | pairs ok | mean margin | methods |",
                   "|---|---|---|---|---|---|"]
@@ -332,3 +337,22 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     return "\n".join(lines)
+
+
+def _reward_lines(train: dict) -> list[str]:
+    """Reward arms: the trainer's last held-out pairwise accuracy (r(chosen) > r(rejected), ties wrong) and margin."""
+    rows = []
+    for k, t in train.items():
+        if "reward_eval" not in t:
+            continue
+        e = t["reward_eval"] or {}
+        by_type = ", ".join(f"{n} {100 * v['accuracy']:.1f} % of {v['pairs']}"
+                            for n, v in (e.get("by_pair_type") or {}).items())
+        rows.append(f"| {k} | {t['data']} | {t['steps']} | " + (
+            f"{e['pairs']} | {100 * e['accuracy']:.1f} % | {e['margin']:+.3f} | {by_type} |" if e else
+            "– | not evaluated | – | |"))
+    if not rows:
+        return []
+    return ["## Reward models (held-out pairs; not evaluated as policies)", "",
+            "| arm | data | steps | held-out pairs | pairwise accuracy | mean margin | by pair type |",
+            "|---|---|---|---|---|---|---|", *rows, ""]

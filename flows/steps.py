@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.backend_cache import backend_for
-from flows.config import RunConfig, TaskInput, TaskSource, arm_fields
-from flows.paths import model_labels, run_dir  # noqa: F401  (model_labels: steps.model_labels for the flow)
+from flows.config import RunConfig, TaskInput, TaskSource, arm_fields, arm_ref
+from flows.paths import arm_folder, model_labels, run_dir  # noqa: F401  (model_labels: steps.model_labels for the flow)
 from pipeline.store import RunStore, atomic_write_bytes, atomic_write_table
 from pipeline.threads import set_threads
 from schemas.errors import InputError
@@ -99,18 +99,21 @@ def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> P
     load_stage_modules()
     step = cfg.stage(stage_id)
     spec = get_stage(step.stage)
-    stage_cfg = spec.config(**step.config)
+    fields = dict(step.config)
+    if arm_ref(fields.get("value_model")):  # a reward arm of this run, trained before this stage (parallel.plan)
+        fields["value_model"] = str(arm_folder(cfg, arm_ref(fields["value_model"])))
+    stage_cfg = spec.config(**fields)
     if cfg.threads:  # else the process keeps what `prefpipe --threads` (or its default) set
         set_threads(cfg.threads)
     backend = None
     if spec.needs_backend:
         model = step.model or cfg.model
-        if model.startswith("@"):  # a training arm's final model
-            model = str(run_dir(cfg) / "train" / model[1:] / "final")
+        if arm_ref(model):  # a training arm's final model
+            model = str(arm_folder(cfg, arm_ref(model)))
         backend = backend_for(step.backend or cfg.backend, model, cfg.base_url)
     rows, source = stage_input(cfg, step.input)
-    if step.limit:
-        rows = rows.slice(0, step.limit)
+    if step.skip or step.limit:
+        rows = rows.slice(step.skip, step.limit)
     runner = None
     if cfg.workers > 1 and (step.backend or cfg.backend) == "transformers":  # a server batches on its own
         from flows.parallel import shard_runner
@@ -172,7 +175,7 @@ def export_step(cfg: RunConfig) -> Path:
 
     out = run_dir(cfg) / cfg.export.out
     e = cfg.export
-    treatment = next((arm.data for arm in cfg.train if arm.role == "treatment"), None)
+    treatment = next((arm.data for arm in cfg.train if arm.role == "treatment" and not arm.is_reward), None)
     # overwrite: the flow's own earlier export (a rerun); only the files it listed are replaced.
     settings = hub.ExportConfig(default_config=e.default_config or treatment, format=e.format,
                                 test_fraction=e.test_fraction, seed=e.seed, overwrite=True)

@@ -3,6 +3,7 @@ down for small models: 32-64 MCTS iterations). All fields are flat so each one i
 option; lists come from the YAML file."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -63,6 +64,12 @@ class SearchConfig(BaseModel):
     def _model_needs_reward_fn(cls, v: str | None, info: ValidationInfo) -> str | None:
         if (v is None) != (info.data.get("value_fn") != "reward_model"):  # value_fn is declared first
             raise ValueError("value_model goes with value_fn: reward_model, and reward_model needs a value_model")
+        # checked here, at load, so a typo fails before the policy loads and the first round is generated.
+        # `@ARM` is a run config's training arm (its folder exists only once the arm has trained; flows/config.py
+        # checks the name, and the run step passes the arm's folder in its place).
+        if v is not None and not v.startswith("@") and not (Path(v) / "config.json").is_file():
+            why = "is not a model folder (no config.json)" if Path(v).is_dir() else "does not exist"
+            raise ValueError(f"reward-model folder {v!r} {why} (relative paths start at the working directory)")
         return v
 
     @field_validator("branch_on_error")
