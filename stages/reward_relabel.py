@@ -29,6 +29,10 @@ Scores come from a pluggable `score_source`:
              raw text. Without `judge`: one generation per response (`JUDGE_TEMPLATE`, parsed "Score: N", 1-10).
 - `logprob`  the mean token log-prob of each response under the model, quantile-binned into deciles 1..10 over
              the shard's responses ([reconstructed]; bins depend on the shard, so keep shard_size large).
+- `reward_model` a reward-model folder (`score_model`: an AutoModelForSequenceClassification with one output, e.g.
+             from `prefpipe train --mode reward`; pipeline/judges/reward_model.py) scores each response, all of a
+             shard in one batched scorer. Its scale is the one a Bradley-Terry model is trained on: P(better) =
+             σ(score) on [0, 1], mapped linearly onto 1-10 (`score_mapping: deciles` ranks the raw scores).
 Model-based sources use the backend the engine passes or, when none (e.g. `prefpipe stage reward-relabel`
 without a model), one built from `score_model`.
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import pyarrow as pa
@@ -75,9 +80,10 @@ STAGE_FIELDS = [
 class RewardRelabelConfig(StageConfig):
     version: ClassVar[str] = "2"  # 2: scores mapped from the source's declared range; groups carried through
 
-    score_source: Literal["columns", "verifier", "judge", "logprob"] = Field(
+    score_source: Literal["columns", "verifier", "judge", "logprob", "reward_model"] = Field(
         "columns", description="where the scores come from: input columns, the task verifier, a judge model, "
-                               "or the model's mean token log-prob")
+                               "the model's mean token log-prob, or a reward-model folder (score_model; σ(score) "
+                               "on [0, 1])")
     score_mapping: Literal["auto", "range", "identity", "deciles"] = Field(
         "auto", description="map raw scores to the 1-10 goal scale: range = linearly from the declared source "
                             "range; identity = as they are (must lie in 1-10); deciles = rank bins over the "
@@ -103,7 +109,8 @@ class RewardRelabelConfig(StageConfig):
                                                          "wrong at step 1)")
     judge_template: str = Field(JUDGE_TEMPLATE, description="judge prompt; {prompt} and {response}")
     judge_max_tokens: int = Field(32, ge=1, description="judge tokens per response")
-    score_model: str | None = Field(None, description="model for judge/logprob when no backend is passed in")
+    score_model: str | None = Field(None, description="model for judge/logprob when no backend is passed in; "
+                                                     "reward_model: the reward-model folder")
     judge: JudgeConfig | None = Field(None, description="judge source: the judge primitive (its own model, or the "
                                                         "stage's backend when judge.model is unset)")
     judge_rubric: str = Field("how well the response answers the instruction: correct, complete, helpful",
@@ -125,6 +132,13 @@ class RewardRelabelConfig(StageConfig):
                              f"{self.score_source!r}")
         if not self.judge_scale[0] < self.judge_scale[1]:
             raise ValueError(f"judge_scale {list(self.judge_scale)}: low must be below high")
+        if self.score_source == "reward_model":
+            if self.score_model is None or not (Path(self.score_model) / "config.json").is_file():
+                raise ValueError(f"score_source 'reward_model' needs score_model, a reward-model folder with a "
+                                 f"config.json; got {self.score_model!r}")
+            if self.score_mapping == "identity":
+                raise ValueError("score_mapping 'identity' keeps scores as they are, and a reward model's σ(score) "
+                                 "is on [0, 1], not the template's 1-10: use range or deciles")
         if self.score_range is not None:
             if self.score_source != "columns":
                 raise ValueError("score_range declares the range of the input's score columns: it needs "
@@ -304,6 +318,17 @@ def _scores_from_judge_primitive(rows: list[dict], cfg: RewardRelabelConfig, bac
     return goal[0::2], goal[1::2], errors
 
 
+def _scores_from_reward_model(rows: list[dict], cfg: RewardRelabelConfig):
+    """Both responses of every pair in one batched scoring call; range mapping reads σ(score) on [0, 1]."""
+    from pipeline.judges.reward_model import load_scorer  # torch + transformers only for this source
+
+    raw = load_scorer(cfg.score_model).score([r["prompt"] for r in rows for _ in (0, 1)],
+                                             [r[side] for r in rows for side in ("chosen", "rejected")])
+    if cfg.mapping == "range":  # σ(s) written through tanh, which cannot overflow
+        raw = [to_goal_scale(0.5 * (1.0 + math.tanh(s / 2)), 0.0, 1.0, cfg.goal_decimals) for s in raw]
+    return raw[0::2], raw[1::2], [None] * len(rows)
+
+
 def _score_backend(cfg: RewardRelabelConfig, backend):
     if backend is not None:
         return backend
@@ -320,6 +345,8 @@ def score_pairs(rows: list[dict], cfg: RewardRelabelConfig, backend) -> tuple[li
         cs, rs, errs = _scores_from_columns(rows, cfg)
     elif cfg.score_source == "verifier":
         cs, rs, errs = _scores_from_verifier(rows, cfg)
+    elif cfg.score_source == "reward_model":
+        cs, rs, errs = _scores_from_reward_model(rows, cfg)
     elif cfg.score_source == "judge" and cfg.judge is not None:
         cs, rs, errs = _scores_from_judge_primitive(rows, cfg, backend)
     else:
@@ -378,6 +405,8 @@ def relabeled_rows(row: dict, cs: float, rs: float, cfg: RewardRelabelConfig, ct
     out = []
     kept = carried(row, groups)
     source = {"source_range": list(declared_range(row, cfg)[0])} if cfg.score_source == "columns" else {}
+    if cfg.score_source == "reward_model" and cfg.mapping == "range":
+        source = {"source_range": [0.0, 1.0]}  # σ of the reward model's score
     for k, (goal, flipped) in enumerate(((cs, False), (rs, True))):
         chosen, rejected = (row["rejected"], row["chosen"]) if flipped else (row["chosen"], row["rejected"])
         c_score, r_score = (rs, cs) if flipped else (cs, rs)
