@@ -6,10 +6,11 @@ Everything here is plain data: the formulas live in `pairwise.py`, `noise.py`, `
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 if TYPE_CHECKING:  # annotations only: the configs here load without torch (CLI start-up, config checks)
     from torch import Tensor
@@ -34,6 +35,67 @@ F_DIVERGENCE_TYPES: frozenset[str] = frozenset({
     "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "ln_dpo", "distill"})
 
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+
+
+def _types(data: dict) -> set[str]:
+    t = data.get("loss_type")
+    return {t} if isinstance(t, str) else set(t or ())
+
+
+def _read_by_types(*types: str) -> tuple[str, Callable[[dict], bool]]:
+    return f"loss_type {' / '.join(types)}", lambda data: bool(_types(data) & set(types))
+
+
+# Settings only some losses read: field -> (what reads it, whether this config does, from the fields declared
+# before it). Set to a value other than its default where nothing reads it, a setting would be ignored without a
+# word (simpo_gamma under sigmoid DPO); it is refused at load, naming the key (docs/trainer.md). Checked only on
+# values the config gives (pydantic validates no defaults), and a given default is no change, so a config written
+# back in full (model_dump) still loads.
+PAIR_SETTING_READERS: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    "label_smoothing": _read_by_types("sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "simpo"),
+    "use_label_confidence": _read_by_types("sigmoid"),
+    "f_alpha_divergence_coef": ("f_divergence_type alpha_divergence",
+                                lambda data: data.get("f_divergence_type") == "alpha_divergence"),
+    "discopop_tau": _read_by_types("discopop"),
+    "simpo_gamma": _read_by_types("simpo"),
+    "ln_dpo_beta": _read_by_types("ln_dpo"),
+    "rpo_form": ("rpo_alpha", lambda data: data.get("rpo_alpha") is not None),
+    # the chosen-NLL term: sft, orpo, or RPO in its average form (cumulative RPO sums the NLL)
+    "nll_average": ("loss_type sft / orpo or rpo_alpha with rpo_form average",
+                    lambda data: bool(_types(data) & {"sft", "orpo"}) or (
+                        data.get("rpo_alpha") is not None and data.get("rpo_form") == "average")),
+    "bco_baseline": _read_by_types("bco_pair"),
+    "rationale_form": ("rationale_gamma", lambda data: data.get("rationale_gamma") is not None),
+    **{name: _read_by_types("distill") for name in (
+        "spa_refine_strength", "spa_warmup_fraction", "spa_window", "spa_threshold_quantile")},
+    **{name: ("lcpo_mode", lambda data: data.get("lcpo_mode") is not None)
+       for name in ("lcpo_init_noise", "lcpo_momentum")},
+}
+LIST_SETTING_READERS: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    "length_normalize": _read_by_types("plackett_luce", "lipo_lambda"),
+    "lambda_weighting": _read_by_types("lipo_lambda", "tpo"),
+    "discount_log_base": ("loss_type lipo_lambda / tpo with lambda_weighting lambda",
+                          lambda data: bool(_types(data) & {"lipo_lambda", "tpo"})
+                          and data.get("lambda_weighting") == "lambda"),
+    "pro_reward_temperature": _read_by_types("pro"),
+    "pro_sft_weight": _read_by_types("pro"),
+    "tpo_label_range": _read_by_types("tpo"),
+}
+
+
+def refuse_unread(model: type[BaseModel], readers: dict, value: Any, info: ValidationInfo) -> Any:
+    """`value` of setting `info.field_name`, or a ValueError when it differs from the default and nothing in this
+    config reads it."""
+    what, reads = readers[info.field_name]
+    default = model.model_fields[info.field_name].default
+    if value != default and not reads(info.data):
+        given = {k: info.data[k] for k in ("loss_type", "lambda_weighting", "f_divergence_type", "rpo_alpha",
+                                           "rpo_form", "rationale_gamma", "lcpo_mode") if k in info.data
+                 and k in what}
+        raise ValueError(f"{info.field_name}={value!r} would be ignored: only {what} read(s) it, and this config "
+                         f"has {', '.join(f'{k} {v!r}' for k, v in given.items()) or 'none of them'}: remove "
+                         f"{info.field_name}, or set what reads it")
+    return value
 
 
 @dataclass
@@ -160,6 +222,11 @@ class LossConfig(BaseModel):
         coupled = [t for t in self.loss_types if t in BATCH_COUPLED_TYPES]
         return coupled + ([f"lcpo_mode={self.lcpo_mode}"] if self.lcpo_mode is not None else [])
 
+    @field_validator(*PAIR_SETTING_READERS)
+    @classmethod
+    def _read(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unread(cls, PAIR_SETTING_READERS, value, info)
+
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
         types = self.loss_types
@@ -200,6 +267,11 @@ class ListLossConfig(BaseModel):
     tpo_label_range: tuple[float, float] | None = Field(
         (-100.0, 100.0), description="TPO: map labels ψ from this range to [0, 1] before G = 2^ψ - 1. Unset, "
                                      "lists that declare their score range (score_min/score_max) use that range.")
+
+    @field_validator(*LIST_SETTING_READERS)
+    @classmethod
+    def _read(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_unread(cls, LIST_SETTING_READERS, value, info)
 
     def labels_on(self, declared: tuple[float, float] | None) -> "ListLossConfig":
         """This config with TPO's label range set to the lists' declared score scale when tpo_label_range was
