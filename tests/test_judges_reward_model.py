@@ -63,3 +63,47 @@ def test_reward_relabel_reward_model_needs_a_folder_and_a_mapping_off_its_scale(
     with pytest.raises(ValueError, match="identity"):
         RewardRelabelConfig(score_source="reward_model", score_model=str(tmp_path), score_mapping="identity")
     assert RewardRelabelConfig(score_source="reward_model", score_model=str(tmp_path)).mapping == "range"
+
+
+def test_tpo_lists_ranked_by_the_reward_model_on_its_declared_scale(trained, monkeypatch):
+    """TPO lists on the bundled task (scripted policy, exact step values) scored by the reward model: one scoring
+    call for every distinct terminal response of every tree; list scores are σ of those scores on [0, 1], which
+    the lists and their (best, worst) pairs declare; each list keeps the verifier's grades next to them."""
+    from stages.tree.mining import graded_score
+    from stages.tree.nodes import trees_from_table
+    from stages.tree.verifier import task_from_info
+    from stages.tree_search import TreeSearchConfig, run
+    from tests.test_tree_search_fake import FakeArithBackend, task_rows
+
+    _, out = trained
+    folder = str(out / "final")
+    problems, table = task_rows(4)
+    scorer = load_scorer(folder)
+    seen, real = [], scorer.score
+    monkeypatch.setattr(scorer, "score", lambda p, r: seen.append((list(p), list(r), real(p, r))) or seen[-1][2])
+    cfg = TreeSearchConfig(variant="tpo_list", value_fn="step_verifier", list_score="reward_model",
+                           value_model=folder, num_branches=3, list_samples=2, validity_rollouts=0)
+    res = run(table, cfg, FakeArithBackend(problems, 0.5), StageContext("fp", 0, 7))
+    assert len(seen) == 1
+    prompts, responses, raw = seen[0]
+    assert len(set(zip(prompts, responses))) == len(responses)  # each distinct response once
+    want = {(p, r): sigmoid(s) for p, r, s in zip(prompts, responses, raw)}
+    lists = res["lists"].to_pylist()
+    assert len(lists) == 4
+    trees = {t.prompt_id: t for t, _ in trees_from_table(res["trees"])}
+    for lst in lists:
+        assert lst["scores"] == pytest.approx([want[(lst["prompt"], r)] for r in lst["responses"]], abs=1e-12)
+        assert lst["scores"] == sorted(lst["scores"], reverse=True)
+        assert (lst["score_min"], lst["score_max"]) == (0.0, 1.0)
+        extra = json.loads(lst["extra"])
+        assert extra["scored_by"] == {"kind": "reward_model", "model": folder}
+        tree = trees[lst["prompt_id"]]
+        task = task_from_info(tree.prompt, tree.info)
+        assert extra["verifier_scores"] == [graded_score(tree, task, tree.nodes[i], tree.method)
+                                            for i in extra["node_ids"]]
+    list_pairs = [p for p in res["main"].to_pylist() if p["pair_type"] == "list"]
+    assert list_pairs and all((p["score_min"], p["score_max"]) == (0.0, 1.0) for p in list_pairs)
+    by_prompt = {lst["prompt_id"]: lst for lst in lists}
+    for p in list_pairs:
+        lst = by_prompt[p["prompt_id"]]
+        assert (p["chosen_score"], p["rejected_score"]) == (lst["scores"][0], lst["scores"][-1])

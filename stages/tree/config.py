@@ -25,10 +25,22 @@ class SearchConfig(BaseModel):
                                "prompt + prefix + step (value_model; terminals with a gold answer: answer check); "
                                "judge = P(step correct | problem, steps before it) from an LLM judge (PRISM's "
                                "step judge; `judge`; terminals with a gold answer: answer check)")
-    judge: JudgeConfig | None = Field(None, description="value_fn judge: the step judge (YAML; None: the policy's "
-                                                        "own backend, log-probs when it has them, else votes)")
+    judge: JudgeConfig | None = Field(None, description="value_fn judge: the step judge; list_score judge: the list "
+                                                        "judge (YAML; None: the policy's own backend, log-probs when "
+                                                        "it has them, else votes)")
+    list_score: Literal["verifier", "judge", "reward_model"] = Field(
+        "verifier", description="tpo_list: what ranks a list's responses (TPO's preference-list labels). verifier: "
+                                "the task's graded check (right share before the first wrong step; else the answer "
+                                "check, else the node value), on [0, 1]; judge: a pointwise judge score "
+                                "(`judge`, `list_rubric`) on `list_scale`; reward_model: sigmoid of the reward "
+                                "model's score (`value_model`) on [0, 1]. Lists declare the scale as "
+                                "score_min/score_max, the range the TPO loss maps its labels from")
+    list_rubric: str = Field("how correct, complete and clearly reasoned the response is",
+                             description="list_score judge: the rubric of the pointwise score")
+    list_scale: tuple[int, int] = Field((1, 10), validate_default=True,
+                                        description="list_score judge: the judge's integer scale")
     value_model: str | None = Field(
-        None, validate_default=True, description="value_fn reward_model: the reward-model folder "
+        None, validate_default=True, description="value_fn / list_score reward_model: the reward-model folder "
         "(AutoModelForSequenceClassification, e.g. from `prefpipe train --mode reward`)")
     # --- search shape
     expansion_width: int = Field(3, ge=1, description="continuations sampled per expansion (PRISM width)")
@@ -62,14 +74,26 @@ class SearchConfig(BaseModel):
     @field_validator("value_model")
     @classmethod
     def _model_needs_reward_fn(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if (v is None) != (info.data.get("value_fn") != "reward_model"):  # value_fn is declared first
-            raise ValueError("value_model goes with value_fn: reward_model, and reward_model needs a value_model")
+        # value_fn and list_score are declared (so validated) first
+        wanted = "reward_model" in (info.data.get("value_fn"), info.data.get("list_score"))
+        if (v is None) == wanted:
+            raise ValueError("value_model goes with value_fn: reward_model or list_score: reward_model, and each "
+                             "needs a value_model")
         # checked here, at load, so a typo fails before the policy loads and the first round is generated.
         # `@ARM` is a run config's training arm (its folder exists only once the arm has trained; flows/config.py
         # checks the name, and the run step passes the arm's folder in its place).
         if v is not None and not v.startswith("@") and not (Path(v) / "config.json").is_file():
             why = "is not a model folder (no config.json)" if Path(v).is_dir() else "does not exist"
             raise ValueError(f"reward-model folder {v!r} {why} (relative paths start at the working directory)")
+        return v
+
+    @field_validator("list_scale")
+    @classmethod
+    def _list_scale(cls, v: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        if not v[0] < v[1]:
+            raise ValueError(f"list_scale {list(v)}: low must be below high")
+        if info.data.get("list_score", "verifier") != "verifier" and info.data.get("variant") != "tpo_list":
+            raise ValueError(f"list_score {info.data['list_score']!r} scores TPO lists: it needs variant tpo_list")
         return v
 
     @field_validator("branch_on_error")

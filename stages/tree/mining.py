@@ -22,7 +22,11 @@ Terminal pairs: PRISM's terminal mode (right: reward >= good; wrong: reward <= g
 with `require_verified`, right also needs the gold answer and every step right, wrong needs a wrong answer),
 shuffled, the shorter side tiled min(floor(long/short) + 1, max_gb_ratio) times, zipped.
 Lists: the distinct terminal responses ranked by a verifier-graded score (share of the solution that is right
-before the first wrong step; answer check or node value without a step verifier).
+before the first wrong step; answer check or node value without a step verifier), on [0, 1]; or, when the search
+scored them with a judge or a reward model (`list_score`, stages/tree/list_scores.py), by those scores on the
+scale the tree records (`list_scale`), which the list rows and their (best, worst) pair declare. A list scored by
+a model also keeps each response's verifier grade (`verifier_scores` in extra) where the task has gold, so its
+agreement with the gold can be measured.
 Policies: `tie_policy` drops (or keeps) pairs and lists whose scores are equal; `require_verified` drops any
 pair whose chosen does not verify or whose rejected does; duplicates (same pair_id) are dropped with polars.
 """
@@ -93,8 +97,9 @@ class _Miner:
     # ---- records --------------------------------------------------------------------------------------------
 
     def pair(self, kind: str, c: Node, r: Node, sc: float, sr: float, shared: str, extra: dict,
-             chosen_end: Node | None = None) -> dict:
-        """A pair record; `chosen_end` (a descendant of `c`) is where the chosen text stops, `c` by default."""
+             chosen_end: Node | None = None, scale: tuple[float, float] | None = None) -> dict:
+        """A pair record; `chosen_end` (a descendant of `c`) is where the chosen text stops, `c` by default;
+        `scale` overrides the kind's score scale (lists scored by a judge)."""
         t = self.tree
         end = chosen_end or c
         chosen, rejected = t.response(end), t.response(r)
@@ -102,7 +107,7 @@ class _Miner:
         return {"pair_id": pid, "prompt_id": t.prompt_id, "prompt": t.prompt, "shared_prefix": shared,
                 "chosen": chosen, "rejected": rejected, "stage": "tree", "method": self.method,
                 "chosen_score": sc, "rejected_score": sr, "score_margin": sc - sr,
-                "score_min": SCALES[kind][0], "score_max": SCALES[kind][1],
+                "score_min": (scale or SCALES[kind])[0], "score_max": (scale or SCALES[kind])[1],
                 "generator_model": self.row["generator_model"], "created_at": self.created_at,
                 "extra": {"chosen_correct": c.correct, "rejected_correct": r.correct,
                           "chosen_q": c.q_value, "rejected_q": r.q_value, **self.greedy_flags(c, r), **extra},
@@ -288,10 +293,19 @@ class _Miner:
                 out.append(self.pair("terminal", c, r, sc, sr, self.common_prefix(c, r), {}))
         return out
 
+    def list_scale(self) -> tuple[float, float]:
+        scale = self.tree.info.get("list_scale")
+        return (float(scale[0]), float(scale[1])) if scale else LIST_SCALE
+
     def ranked(self) -> tuple[list[Node], list[float]]:
         nodes = self.terminals()
-        scored = sorted(((graded_score(self.tree, self.task, n, self.method), i, n) for i, n in enumerate(nodes)),
-                        key=lambda t: (-t[0], t[1]))
+        by_model = self.tree.info.get("list_scores")
+        if by_model is None:
+            scores = [graded_score(self.tree, self.task, n, self.method) for n in nodes]
+        else:  # a judge / reward model scored them; one it could not score (an unparsed answer) is left out
+            nodes = [n for n in nodes if n.node_id in by_model]
+            scores = [by_model[n.node_id] for n in nodes]
+        scored = sorted(((s, i, n) for i, (s, n) in enumerate(zip(scores, nodes))), key=lambda t: (-t[0], t[1]))
         if len(scored) > self.cfg.list_size:  # keep the best, the worst and evenly spaced ranks between
             step = (len(scored) - 1) / (self.cfg.list_size - 1)
             scored = [scored[round(i * step)] for i in range(self.cfg.list_size)]
@@ -301,10 +315,16 @@ class _Miner:
         if len(nodes) < 2 or (self.cfg.tie_policy == "drop" and len(set(scores)) == 1):
             return None
         t = self.tree
+        extra = {"tree_id": t.tree_id, "node_ids": [n.node_id for n in nodes]}
+        if "list_scorer" in t.info:
+            extra["scored_by"] = t.info["list_scorer"]
+            if self.task.has_gold:
+                extra["verifier_scores"] = [graded_score(t, self.task, n, self.method) for n in nodes]
+        lo, hi = self.list_scale()
         return {"prompt_id": t.prompt_id, "prompt": t.prompt, "responses": [t.response(n) for n in nodes],
-                "scores": scores, "score_min": LIST_SCALE[0], "score_max": LIST_SCALE[1],
+                "scores": scores, "score_min": lo, "score_max": hi,
                 "steps": [t.trajectory(n) for n in nodes], "method": self.method,
-                "extra": json.dumps({"tree_id": t.tree_id, "node_ids": [n.node_id for n in nodes]}),
+                "extra": json.dumps(extra),
                 "row_key": hashlib.sha256(f"{self.row['row_key']}\0list".encode()).hexdigest(),
                 "status": "ok", "error": None}
 
@@ -321,7 +341,7 @@ class _Miner:
         lst = self.list_row(nodes, scores)
         if self.cfg.list_pairs and self.method == "tpo_tree" and lst is not None and scores[0] != scores[-1]:
             pairs.append(self.pair("list", nodes[0], nodes[-1], scores[0], scores[-1],
-                                   self.common_prefix(nodes[0], nodes[-1]), {}))
+                                   self.common_prefix(nodes[0], nodes[-1]), {}, scale=self.list_scale()))
         return pairs, [lst] if lst else []
 
 

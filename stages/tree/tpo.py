@@ -5,12 +5,14 @@ drawn by shuffling range(T) (padded with random indices when T < num_branches), 
 each gold prefix gold[:i] to the end. `list_samples` free samples from the root stand in for TPO's original
 rejected response. All continuations of all trees go to ONE `continue_` call. Without gold steps the tree is
 `list_samples` (at least 2) free samples. Every terminal node is then scored once (same value function as the
-other variants) and the lists are mined from the stored tree.
+other variants) and the lists are mined from the stored tree; with `list_score: judge | reward_model` every
+distinct terminal response is also scored for the lists (stages/tree/list_scores.py).
 """
 from __future__ import annotations
 
 from stages.tree.config import SearchConfig
 from stages.tree.expand import TokenCounter, Work, add_path
+from stages.tree.list_scores import score_lists
 from stages.tree.values import evaluate
 
 
@@ -48,3 +50,5 @@ def run_tpo(works: list[Work], backend, cfg: SearchConfig, seed: int, counter: T
     leaves = [(w, n) for w in works for n in w.tree.nodes.values() if not n.children and n.parent_id is not None]
     for (w, n), v in zip(leaves, evaluate(leaves, backend, cfg, seed + 1, counter)):
         n.reward, n.rollout_success, n.value_sum, n.visits = v.value, v.rollout_success, v.value, 1
+    if cfg.list_score != "verifier":  # the list labels come from a judge or a reward model (list_scores.py)
+        score_lists(works, backend, cfg)
