@@ -14,6 +14,7 @@ import numpy as np
 from flows.config import RunConfig
 from flows.headline import headline
 from flows.intervals import paired_delta
+from flows.judged import judged_info, judged_lines, judges_of
 from flows.paths import model_labels, run_dir
 from pipeline.agreement import label_agreement
 from pipeline.store import RunStore, atomic_write_bytes
@@ -108,6 +109,10 @@ def _stage_stats(cfg: RunConfig) -> dict[str, dict]:
             agreement = problems and _verifier_agreement(problems, st.read(columns=list(AGREEMENT_COLUMNS)))
             if agreement:
                 info["verifier"] = agreement
+        if judges_of(s.stage, s.config):  # keep rate, drop reasons and gold agreement (flows/judged.py)
+            problems = _task_problems(cfg) if problems is None else problems
+            info["judged"] = judged_info(s.stage, s.config, st.read, m["outputs"],
+                                         lambda t, p=problems: _verifier_agreement(p, t) if p else None)
         stats[s.folder] = info
     return stats
 
@@ -334,6 +339,7 @@ def _markdown(cfg: RunConfig, s: dict, plots: list[str], config_path: Path) -> s
                              f"{t['nodes_max']}) | depth ≤ {t['depth_max']} | terminal correct "
                              f"{100 * t['terminal_correct_share']:.0f} % | |")
         lines.append("")
+        lines += judged_lines(s["stages"])
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     return "\n".join(lines)
