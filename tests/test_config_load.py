@@ -155,11 +155,15 @@ RUN_CASES = {
 @pytest.mark.parametrize("case", sorted(RUN_CASES))
 def test_hostile_run_config(case, tmp_path, monkeypatch, capsys):
     edit, key, text = RUN_CASES[case]
-    path = _config(tmp_path, edit)
-    before = _files(tmp_path)
+    refused_in_process(_config(tmp_path, edit), key, text, monkeypatch, capsys)
+
+
+def refused_in_process(path: Path, key: str, text: str, monkeypatch, capsys) -> None:
+    """`prefpipe run PATH` in this process exits 2 naming the file and key, and writes nothing beside PATH."""
+    before = _files(path.parent)
     code, err = _cli(["run", path], monkeypatch, capsys)
     _assert_refused(code, err, path, key, text)
-    assert _files(tmp_path) == before
+    assert _files(path.parent) == before
 
 
 # Whole-file problems: the reader refuses them before any field is looked at.
@@ -174,10 +178,7 @@ FILE_CASES = {
 def test_hostile_config_file(case, tmp_path, monkeypatch, capsys):
     text, key, message = FILE_CASES[case]
     path = _config(tmp_path, text=text, name="run.json" if case.startswith("json") else "run.yaml")
-    before = _files(tmp_path)
-    code, err = _cli(["run", path], monkeypatch, capsys)
-    _assert_refused(code, err, path, key, message)
-    assert _files(tmp_path) == before
+    refused_in_process(path, key, message, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("content,message", [

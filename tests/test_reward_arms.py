@@ -14,7 +14,7 @@ import yaml
 
 from flows.config import load_run_config
 from flows.parallel import plan
-from tests.test_config_load import _assert_refused, _cli, _files
+from tests.test_config_load import _assert_refused, _files, refused_in_process
 
 PREFPIPE = Path(sys.executable).parent / "prefpipe"
 SEARCH = {"variant": "best_first", "best_first_k": 4, "expansion_budget": 6, "validity_rollouts": 0,
@@ -89,11 +89,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_reward_arm_reference(case, tmp_path, monkeypatch, capsys):
     edit, key, text = CASES[case]
-    path = _config(tmp_path, edit)
-    before = _files(tmp_path)
-    code, err = _cli(["run", path], monkeypatch, capsys)
-    _assert_refused(code, err, path, key, text)
-    assert _files(tmp_path) == before
+    refused_in_process(_config(tmp_path, edit), key, text, monkeypatch, capsys)
 
 
 def test_prefpipe_run_refuses_an_unknown_value_model_arm(tmp_path):
@@ -114,6 +110,7 @@ def test_the_loop_runs_in_one_config(tmp_path):
     from pipeline.store import RunStore
     from pipeline.train.data import read_table
     from pipeline.train.reward import split_prompts
+    from stages.tree.nodes import trees_from_table
 
     path = _config(tmp_path)
     env = {**os.environ, "PREFPIPE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
@@ -133,17 +130,12 @@ def test_the_loop_runs_in_one_config(tmp_path):
     # learned values: no rollout anywhere, each non-terminal node's value is sigma(the verifier's score)
     scorer = load_scorer(str(out / "train" / "rm" / "final"))
     checked = 0
-    for t in learned:
-        nodes = {n["node_id"]: n for n in t["nodes"]}
-        for n in nodes.values():
-            if n["parent_id"] is None or n["is_terminal"]:
+    for tree, _ in trees_from_table(store.stage("tree-rm").read("trees")):
+        for n in tree.nodes.values():
+            if n.parent_id is None or n.is_terminal:
                 continue
-            steps, cur = [], n
-            while cur["parent_id"] is not None:
-                steps.append(cur["step_text"])
-                cur = nodes[cur["parent_id"]]
-            s = scorer.score([t["prompt"]], ["\n".join(reversed(steps))])[0]
-            assert n["rollout_success"] is None and n["reward"] == pytest.approx(1 / (1 + math.exp(-s)), abs=1e-6)
+            s = scorer.score([tree.prompt], [tree.response(n)])[0]
+            assert n.rollout_success is None and n.reward == pytest.approx(1 / (1 + math.exp(-s)), abs=1e-6)
             checked += 1
     assert checked >= 20  # every tree's first expansion has a non-terminal child (tiny problems take 3-4 steps)
     # the verifier is not evaluated as a policy; the report shows its held-out pairwise accuracy, which is the
