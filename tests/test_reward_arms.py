@@ -153,3 +153,18 @@ def test_the_loop_runs_in_one_config(tmp_path):
     report = (out / "report" / "report.md").read_text()
     assert f"| rm | tree-roll | 3 | {held.num_rows} | {100 * rm['accuracy']:.1f} % |" in report
     assert summary["headline"]["treatment"] == "dpo"
+
+
+def test_stage_command_refuses_a_missing_value_model(tmp_path):
+    """`prefpipe stage tree-search --value-model DIR` checks the folder at load: exit 2 naming the option, before
+    the policy loads, no output folder."""
+    from pipeline.tasks.arith import TaskConfig, make_split, problems_to_table
+
+    pq.write_table(problems_to_table(make_split(TaskConfig.tiny(), "train", 2)), tmp_path / "p.parquet")
+    proc = subprocess.run([str(PREFPIPE), "stage", "tree-search", "-i", "p.parquet", "-o", "out", "--value-fn",
+                           "reward_model", "--value-model", "no/such"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PREFPIPE_NO_PROGRESS": "1"})
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: file <command line>, column 'value_model': Value error, reward-model folder 'no/such' does not exist "
+        "(relative paths start at the working directory)"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
