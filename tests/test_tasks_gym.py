@@ -59,3 +59,41 @@ def test_answer_without_tags_and_unknown_dataset():
     assert item_for_row(row).correct(f'The answer is: "{row["gold_answer"]}".')
     with pytest.raises(InputError, match="unknown reasoning-gym dataset 'no_such'"):
         get_task("reasoning-gym:no_such")
+
+
+def _sum_row(**opts):
+    """A two-term one-digit chain_sum problem (the SmolLM2 experiment's setting) and its gold as an int."""
+    t = get_task("reasoning-gym:chain_sum", min_terms=2, max_terms=2, min_digits=1, max_digits=1, **opts)
+    row = t.make(1, "eval", seed=1).to_pylist()[0]
+    return t, row, int(row["gold_answer"])
+
+
+def test_small_model_answer_sentences_are_read():
+    # SmolLM2-135M's own phrasings (experiments/smollm2-gym probe); the sentence names the problem before "is"
+    _, row, g = _sum_row()
+    item = item_for_row(row)
+    for said in (f"The final answer to this arithmetic problem is {g}.",
+                 f"The answer to the given arithmetic problem is {g}.",
+                 f"So 9 + 8 = 17.\nTherefore, the answer for it is {g}"):
+        assert item.check(said).correct, said
+    assert not item.check(f"The final answer to this arithmetic problem is {g + 1}.").correct
+    # an "is" far into a long line is not an answer sentence: the check falls back to the whole last line
+    assert not item.check("The answer to " + "x" * 90 + f" is {g}").correct
+    assert item.check("The answer to " + "x" * 70 + f" is {g}").correct
+
+
+def test_system_prompt_option_sets_the_eval_turns_and_travels_with_the_row():
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+
+    t_default, row_d, _ = _sum_row()
+    assert t_default.messages(row_d)[0] == {"role": "system", "content": SYSTEM_PROMPTS["default"]}
+    assert "system_prompt" not in json.loads(row_d["meta"]).get("options", {})  # default rows stay as before
+    t_none, row, _ = _sum_row(system_prompt=None)
+    assert t_none.messages(row) == [{"role": "user", "content": row["prompt"]}]  # the bare question, as stages ask
+    assert row["prompt"] == row_d["prompt"]                                       # same draw either way
+    rebuilt = item_for_row(row).task
+    assert rebuilt is t_none and rebuilt.system_prompt is None
+    t_own, row_o, _ = _sum_row(system_prompt="Reply with the number only.")
+    assert t_own.messages(row_o)[0] == {"role": "system", "content": "Reply with the number only."}
+    with pytest.raises(InputError, match="system_prompt must be text"):
+        get_task("reasoning-gym:chain_sum", system_prompt=3)

@@ -3,7 +3,9 @@ generator options passed through from the config; a response is checked by the d
 (1.0 = right; the score itself is kept).
 
 The answer read from a response: the last <answer>...</answer> (the package's own format, asked for by its
-system prompt), else an "Answer: X" / "the answer is X" line, else the last non-blank line.
+system prompt), else an "Answer: X" / "the answer is X" / "the answer to this problem is X" line, else the last
+non-blank line. Option `system_prompt` (besides the generator's own): "default" (the package's), null (none: eval
+then asks the bare question, as every stage does) or any text; a non-default one is stored in each row's options.
 Each row's meta stores the dataset entry (question, answer, metadata) and the options, so a row is scored
 later without regenerating its split. Splits: train and eval are drawn with different seeds derived from
 (seed, split); the generators are procedural, so the two are different draws, not disjoint by construction.
@@ -19,8 +21,9 @@ from pipeline.errors import InputError
 from pipeline.tasks.base import Check, Task, meta_dict, problems_table
 
 PREFIX = "reasoning-gym:"
-_SAID = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|^\s*answer\s*:)\s*:?\s*(.+?)\s*$",
-                   re.IGNORECASE | re.MULTILINE)
+# "the answer is X", "The final answer to the given problem is X" (a small model's usual sentence), "Answer: X"
+_SAID = re.compile(r"(?:the\s+(?:final\s+)?answer(?:\s+(?:to|for|of)\b[^\n]{0,80}?)?\s+is|^\s*answer\s*:)"
+                   r"\s*:?\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 def dataset_names() -> list[str]:
@@ -34,24 +37,37 @@ def split_seed(seed: int, split: str) -> int:
     return int(hashlib.sha1(f"prefpipe-gym|{seed}|{split}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
+def _system_text(system_prompt: str | None) -> str | None:
+    """"default": the package's prompt (think step by step, answer in <answer> tags); None or "none": no system
+    turn, so `eval` asks the bare question exactly as the stages do (they send the prompt as one user turn)."""
+    if system_prompt == "default":
+        from reasoning_gym.utils import SYSTEM_PROMPTS
+
+        return SYSTEM_PROMPTS["default"]
+    return None if system_prompt in (None, "none", "") else system_prompt
+
+
 class GymTask(Task):
     has_step_check = False
     generates = True
 
-    def __init__(self, dataset: str, **options):
+    def __init__(self, dataset: str, system_prompt: str | None = "default", **options):
         if dataset not in dataset_names():
             raise InputError(f"unknown reasoning-gym dataset {dataset!r}; one of: {', '.join(dataset_names())}",
                              column="task")
-        self.dataset, self._options = dataset, dict(options)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise InputError(f"system_prompt must be text, 'default' or null, got {system_prompt!r}",
+                             column="options.system_prompt")
+        self.dataset, self._options = dataset, dict(options)  # the generator's own options
+        self._system = system_prompt
         self.name = PREFIX + dataset
-        from reasoning_gym.utils import SYSTEM_PROMPTS
-
-        self.system_prompt = SYSTEM_PROMPTS["default"]
+        self.system_prompt = _system_text(system_prompt)
         self._scorer = self._create(size=1, seed=0)  # score_answer depends on the options, never on the draw
 
     @property
     def options(self) -> dict:
-        return self._options
+        # the task's settings as rows store them: the generator's options, plus system_prompt where not default
+        return self._options if self._system == "default" else {**self._options, "system_prompt": self._system}
 
     def _create(self, size: int, seed: int):
         import reasoning_gym
