@@ -57,6 +57,9 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="after warmup: linear or cosine decay to 0, or constant")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many optimizer steps")
+    min_lr_ratio: FiniteFloat = Field(
+        0.0, ge=0, le=1, description="linear or cosine decay ends at lr * this at the last step instead of 0 "
+        "(the tiny policy's recipe: 0.05)")
     weight_decay: FiniteFloat = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     adam_betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
     adam_eps: FiniteFloat = Field(1e-8, gt=0, description="AdamW epsilon")
@@ -67,6 +70,9 @@ class TrainConfig(BaseModel):
     micro_batch: int = Field(4, ge=1, description="pairs (lists, sft rows) per forward")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     shuffle: bool = Field(True, description="shuffle groups every epoch (seeded)")
+    length_bucketing: bool = Field(
+        False, description="mode sft: each epoch, shuffle the rows, sort every window of 50 global batches by "
+        "length and shuffle the batches (less padding; the tiny policy's recipe). Seeded by `seed`")
     seed: int = Field(42, ge=0, description="seed of the shuffle, dropout and initialisation")
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
@@ -142,6 +148,8 @@ class TrainConfig(BaseModel):
             raise ValueError("mode reward trains on pair tables, not ranked lists")
         if self.sft_column is not None and self.mode != "sft":
             raise ValueError("sft_column applies to mode sft only")
+        if self.length_bucketing and (self.mode != "sft" or not self.shuffle):
+            raise ValueError("length_bucketing applies to mode sft with shuffle on")
         if self.pair_filter != "none" and (self.mode != "preference" or self.data_kind == "lists"):
             raise ValueError("pair_filter applies to preference pairs, not mode sft / reward or ranked lists")
         if self.share_prompt and self.attn_implementation == "flash_attention_2":

@@ -21,10 +21,12 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,15 +107,16 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay to 0."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay from lr down to
+    lr * min_lr_ratio (0 by default), reached at step `total`."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
     frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
-    return cfg.lr * (1 - frac)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1 - frac
+    # With the default floor 0 this is exactly cfg.lr * decay (0 + 1.0 * x == x), the schedule of earlier runs.
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
 def load_model_and_tokenizer(cfg: TrainConfig, path: str):
@@ -331,11 +334,34 @@ class Trainer:
         n = len(self.data)
         steps_per_epoch = math.ceil(n / per_step)
         total = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * steps_per_epoch))
+        if self.cfg.length_bucketing:
+            return self._bucketed_schedule(per_step, total)
         rng = np.random.default_rng(self.cfg.seed)
         batches: list[list[int]] = []
         while len(batches) < total:
             order = rng.permutation(n) if self.cfg.shuffle else np.arange(n)
             batches += [order[s:s + per_step].tolist() for s in range(0, n, per_step)]
+        return batches[:total]
+
+    BUCKET_WINDOW = 50  # global batches whose groups are sorted by length together
+
+    def _bucketed_schedule(self, per_step: int, total: int) -> list[list[int]]:
+        """Per epoch: shuffle the groups, sort each window of BUCKET_WINDOW batches by sequence length (batches of
+        similar lengths: less padding), cut into batches, shuffle the batches. Python's `random` seeded with
+        cfg.seed and batches taken from the end of each epoch's list: the order the tiny policy was trained in."""
+        rng = random.Random(self.cfg.seed)
+        length = [len(p) + sum(map(len, cs)) for p, cs in zip(self.data.prompts, self.data.completions)]
+        window = self.BUCKET_WINDOW * per_step
+        batches: list[list[int]] = []
+        while len(batches) < total:
+            order = list(range(len(self.data)))
+            rng.shuffle(order)
+            epoch: list[list[int]] = []
+            for i in range(0, len(order), window):
+                chunk = sorted(order[i:i + window], key=length.__getitem__)  # stable: ties keep shuffled order
+                epoch += [chunk[j:j + per_step] for j in range(0, len(chunk), per_step)]
+            rng.shuffle(epoch)
+            batches += epoch[::-1]
         return batches[:total]
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -393,15 +419,19 @@ class Trainer:
         self.heap = HeapTrimmer(self.model, self.cfg.heap_trim_every if self.device.type == "cpu" else 0)
         self.heap()  # what the reference pass freed
 
-    def train(self) -> TrainResult:
+    def train(self, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+        """Run the loop. `on_step(step, metrics)` is called after every optimizer step (1-based step, that step's
+        metrics), on the main process only: periodic evaluations, checkpoints or logs of a caller (e.g.
+        scripts/train_tiny_policy.py's greedy evals of the bundled task). It must leave the model as it found it
+        (train mode, same weights)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with sdpa_context(cfg.sdpa_backends, self.device):
-            return self._train(out)
+            return self._train(out, on_step)
 
-    def _train(self, out: Path) -> TrainResult:
+    def _train(self, out: Path, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
         cfg = self.cfg
         self.setup()
         if self.kind == "pairs" and cfg.grad_accum > 1 and set(cfg.loss.loss_types) & BATCH_COUPLED_TYPES:
@@ -435,6 +465,8 @@ class Trainer:
                                                       if "rewards/accuracies" in m else {}))
                 if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < len(schedule):
                     self.save(out / f"checkpoint-{i + 1}", self._state(i + 1, m), optimizer)
+                if on_step is not None and self.is_main:
+                    on_step(i + 1, m)
         drift = self.drift(probe_before, self.probe_logps() if probe_before is not None else None)
         result.drift = drift
         if cfg.save_final:
