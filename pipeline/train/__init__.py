@@ -10,6 +10,6 @@
     trainer.py     the loop: grad accumulation with global-count scaling, metrics.jsonl, checkpoints
     checkpoint.py  safetensors checkpoints + tokenizer
     cli.py         `prefpipe train`
-    sft.py         the tiny policy's SFT loop on the bundled task
+    sft.py         greedy accuracy of an in-memory model on the bundled task (SFT runs' periodic evals)
     tiny.py        tiny random Llama + char tokenizer built in code (tests, benchmarks)
 """
