@@ -99,6 +99,27 @@ def test_reward_relabel_judge_scores_on_its_declared_scale(tmp_path):
     assert failed[0]["error"].endswith("judge on rejected: unparseable: the judge answered 'It is fine, I suppose.'")
 
 
+def expected_scorer(q: str) -> dict[str, float]:
+    """Answer probabilities on 1-10 whose expected values are 7.8 (the first pair's chosen) and 3.3 (else)."""
+    if re.search(r"Response: Hi!\n", q):
+        return {"7": 0.2, "8": 0.8}
+    return {"3": 0.7, "4": 0.3}
+
+
+def test_reward_relabel_judge_log_prob_scores_are_rounded_goals(tmp_path):
+    """With log-probs a score is the expected value under the answer probabilities; on the template's own 1-10
+    it is still rounded to goal_decimals, as it is printed into the goal text."""
+    from tests.test_reward_relabel import _run, golden_input
+
+    with serving(ScriptedJudgeModel(expected_scorer), served_model="scorer") as srv:
+        judge = JudgeConfig(model="scorer", backend="http", base_url=srv.url, tokenizer="tiny-policy")
+        _, out = _run(golden_input().slice(0, 1), tmp_path, score_source="judge", judge=judge,
+                      filter_fine_scores=False)
+    rows = out.to_pylist()
+    assert [(r["goal_score"], r["flipped"]) for r in rows] == [(7.8, False), (3.3, True)]
+    assert rows[0]["system"].endswith("Overall score: 7.8.")
+
+
 def test_reward_relabel_judge_needs_the_judge_source():
     from stages.reward_relabel import RewardRelabelConfig
     with pytest.raises(ValueError, match="configures score_source 'judge'"):
