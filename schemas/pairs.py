@@ -6,9 +6,14 @@ two sides of a pair that share `shared_prefix`). A stage declares the groups it 
 PAIRS, then every column of those groups, then the stage's own columns, so two stages that fill a group write
 it with the same names, types and meaning. Transforms (select, relabel, mine) carry every group of their input
 through (`groups_of`). The trainer reads group columns by the names declared here.
+
+`make_pairs` is also the one place a value a stage leaves out is filled in (`ROW_DEFAULTS`, one default per
+column), so two stages never write "unknown" and "" for the same missing model; `model_name` is the one fallback
+for a model id a backend (or judge) does not report.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 
@@ -121,18 +126,56 @@ def pairs_schema(groups: tuple[str, ...] = (), stage_fields: list[pa.Field] = ()
     return pa.schema(fields + list(stage_fields))
 
 
+UNKNOWN_MODEL = "unknown"
+
+
+def model_name(source) -> str:
+    """The model id `source` (a backend, a judge) reports, or UNKNOWN_MODEL when it reports none: what every model
+    column (generator_model, judge_model, a stage's own *_model columns, a trees table's generator_model) holds."""
+    return getattr(source, "model_id", None) or UNKNOWN_MODEL
+
+
+# What a pair column holds when a row leaves it out (absent or None); every other column is then null. pair_id is
+# the row's row_key there (a filtered or failed row is not a pair but still needs a unique id) and created_at the
+# time the table is built. docs/tables.md lists them.
+ROW_DEFAULTS: dict[str, object] = {
+    "chosen": "",                     # a filtered or failed row with no text for that side
+    "rejected": "",
+    "generator_model": UNKNOWN_MODEL,  # the backend reported no model id
+    "extra": {},
+    "status": "ok",
+}
+DERIVED_DEFAULTS = {"pair_id": "row_key"}
+
+
+def _fill(row: dict, names: set[str], created) -> dict:
+    unknown = sorted(set(row) - names)
+    if unknown:  # a misspelt or undeclared column would otherwise vanish without a word
+        raise ValueError(f"pair row has column(s) {unknown} that the stage does not declare (core columns, its "
+                         f"groups or its stage fields)")
+    out = {**ROW_DEFAULTS, "created_at": created}
+    out.update((k, v) for k, v in row.items() if v is not None or k not in out)
+    for col, source in DERIVED_DEFAULTS.items():
+        if out.get(col) is None:
+            out[col] = out.get(source)
+    return out
+
+
 def make_pairs(rows: list[dict], groups: tuple[str, ...] = (), stage_fields: list[pa.Field] = ()) -> pa.Table:
-    """A pair table from row dicts: missing nullable values become nulls; a dict `extra` is dumped to JSON.
+    """A pair table from row dicts, the one constructor of pair rows: columns a row leaves out get ROW_DEFAULTS
+    (then null); a dict `extra` is dumped to JSON; a key that is no column of the table is refused.
 
     Every stage builds its pair output here, so a group's columns exist (null where a row has no value) in every
-    table whose stage declares the group.
+    table whose stage declares the group, and a missing value means the same in every stage.
     """
     schema = pairs_schema(tuple(groups), stage_fields)
+    created = dt.datetime.now(dt.timezone.utc)
+    rows = [_fill(r, set(schema.names), created) for r in rows]
     arrays = []
     for f in schema:
         values = [r.get(f.name) for r in rows]
         if f.name == "extra":
-            values = [v if isinstance(v, str) else json.dumps(v or {}, sort_keys=True, ensure_ascii=False)
+            values = [v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
                       for v in values]
         if pa.types.is_dictionary(f.type):
             arrays.append(pa.array(values, pa.string()).dictionary_encode().cast(f.type))

@@ -50,7 +50,7 @@ from pipeline.judges.config import JudgeConfig, open_judge
 from pipeline.judges.templates import template_version
 from pipeline.models import REPO_ROOT
 from pipeline.stage import StageConfig, StageContext, register_stage
-from schemas.pairs import make_pairs
+from schemas.pairs import make_pairs, model_name
 from stages._common import now_utc, pair_id
 from stages._judge import (Parsed, calibrate, dedupe_repeats, fail, generate_parsed, is_refusal, jaccard, ngram_copy_ratio,
                            parse_bullets, parse_text, words)
@@ -592,10 +592,9 @@ def pair_rows(rows: list[Row], cfg: DeliberationConfig, ctx: StageContext, model
     out = []
     for r in rows:
         key = ctx.row_key(r.pid, 1)
-        row = {"pair_id": key, "prompt_id": r.pid, "prompt": r.prompt, "chosen": "", "rejected": "",
-               "stage": STAGE, "method": "aidsafe_belief", "generator_model": model,
-               "judge_model": cfg.judge_model or model,
-               "created_at": created, "row_key": key, "status": "filtered", "error": r.error,
+        row = {"prompt_id": r.pid, "prompt": r.prompt, "stage": STAGE, "method": "aidsafe_belief",
+               "generator_model": model, "judge_model": cfg.judge_model or model, "created_at": created,
+               "row_key": key, "status": "filtered", "error": r.error,
                "extra": {"rounds_used": r.rounds, "stopped_by": r.stopped_by, "refiner_removed": r.removed,
                          "agent_unparsed": r.agent_unparsed, "cot_format": fmt, "selected_source": "aidsafe_refined",
                          "prompt_category": r.category}}
@@ -648,6 +647,6 @@ def run(rows: pa.Table, cfg: DeliberationConfig, backend, ctx: StageContext) -> 
     _check_input(rows)
     state = [Row(r) for r in rows.to_pylist()]
     Deliberation(state, cfg, backend, ctx.seed).run()
-    model = getattr(backend, "model_id", None) or "unknown"
+    model = model_name(backend)
     ctx.progress(rows.num_rows)
     return {"main": pair_rows(state, cfg, ctx, model), "sft": sft_rows(state, cfg, ctx, model)}

@@ -51,7 +51,7 @@ from pipeline.errors import InputError
 from pipeline.judges.config import JudgeConfig, open_judge
 from pipeline.judges.templates import template_version
 from pipeline.stage import StageConfig, StageContext, register_stage
-from schemas.pairs import make_pairs
+from schemas.pairs import make_pairs, model_name
 from stages._common import now_utc, pair_id, task_item
 
 STAGE = "intervened"
@@ -511,7 +511,7 @@ def _judge_harm(out: list[dict], cfg: InterventionConfig, backend) -> None:
 
 # ------------------------------------------------------------------------------------------------- rows
 def _base(r: dict, cfg, backend, ctx: StageContext, sample: int, created) -> dict:
-    model = getattr(backend, "model_id", None) or "unknown"
+    model = model_name(backend)
     return {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "stage": STAGE, "method": cfg.mode,
             "generator_model": model, "created_at": created, "row_key": ctx.row_key(r["prompt_id"], sample),
             "sample_index": sample, "meta": r.get("meta"),
@@ -529,7 +529,7 @@ def _trajectory_row(t: Trajectory, r: dict, cfg, backend, ctx, created, patterns
     if pid is not None and pid in seen:
         reason = "duplicate of another sample's pair"
     if reason is not None:
-        return {**row, "pair_id": row["row_key"], "chosen": t.chosen or "", "rejected": t.text,
+        return {**row, "chosen": t.chosen, "rejected": t.text,
                 "status": "filtered", "error": reason, "wrong_step": t.wrong_step, "chosen_verified": t.verified,
                 "extra": {}}
     seen.add(pid)

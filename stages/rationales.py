@@ -44,7 +44,7 @@ from pipeline.config_io import NonEmptyStr
 from pipeline.errors import InputError
 from pipeline.judges.config import JudgeConfig, open_judge
 from pipeline.stage import StageConfig, StageContext, register_stage
-from schemas.pairs import group_fields
+from schemas.pairs import group_fields, model_name
 from stages._common import now_utc, pair_id
 from stages._judge import Parsed, argued_for, fail, generate_parsed, parse_text, words
 
@@ -278,7 +278,7 @@ def run(rows: pa.Table, cfg: RationaleConfig, backend, ctx: StageContext) -> dic
     judge = open_judge(cfg.judge, backend) if cfg.judge is not None else None
     parsed, attempts = generate_rationales([layouts[i] for i in live], cfg, backend, ctx.seed, judge)
     by_row = {i: (p, a) for i, p, a in zip(live, parsed, attempts)}
-    model = getattr(backend, "model_id", None) or "unknown"
+    model = model_name(backend)
     created = now_utc()
     upd = {k: [] for k in ("pair_id", "stage", "method", "row_key", "status", "error", "extra", "created_at")}
     cols: dict[str, list] = {f.name: [] for f in STAGE_FIELDS}

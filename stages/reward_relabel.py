@@ -418,7 +418,7 @@ def relabeled_rows(row: dict, cs: float, rs: float, cfg: RewardRelabelConfig, ct
             "pair_id": pair_id(STAGE, row["prompt_id"], chosen, rejected, cond["system"]),
             "prompt_id": row["prompt_id"], "chosen": chosen, "rejected": rejected,
             "stage": STAGE, "method": cfg.method, "chosen_score": c_score, "rejected_score": r_score,
-            "score_margin": c_score - r_score, "generator_model": row.get("generator_model") or "unknown",
+            "score_margin": c_score - r_score, "generator_model": row.get("generator_model"),
             SCORE_MIN: GOAL_SCALE[0], SCORE_MAX: GOAL_SCALE[1],
             "judge_model": row.get("judge_model"), "iteration": row.get("iteration"), "created_at": created,
             "extra": {"score_scale": "1-10", "mapping": cfg.mapping, **source},
@@ -438,7 +438,7 @@ def _dropped_row(row: dict, reason: str, cs, rs, cfg: RewardRelabelConfig, ctx: 
             "chosen": row["chosen"], "rejected": row["rejected"], "stage": STAGE, "method": cfg.method,
             "chosen_score": cs, "rejected_score": rs,
             "score_margin": cs - rs if cs is not None and rs is not None else None,
-            "generator_model": row.get("generator_model") or "unknown", "created_at": created, "extra": {},
+            "generator_model": row.get("generator_model"), "created_at": created, "extra": {},
             "row_key": ctx.row_key(row["pair_id"], 0), "status": status, "error": reason,
             "source_pair_id": row["pair_id"], "score_source": cfg.score_source}
 

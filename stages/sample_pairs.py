@@ -70,7 +70,7 @@ def run(rows: pa.Table, cfg: SamplePairsConfig, backend, ctx: StageContext) -> d
                         "rejected": w, "stage": "sampled", "method": f"final_answer_{cfg.chosen_requires}",
                         "chosen_score": 1.0, "rejected_score": 0.0, "score_margin": 1.0, "score_min": 0.0,
                         "score_max": 1.0, "chosen_correct": True, "rejected_correct": False,
-                        "generator_model": ctx.model_id or "", "created_at": created,
+                        "generator_model": ctx.model_id, "created_at": created,
                         "extra": {"n_right": len(right), "n_wrong": len(wrong), "n_distinct": len(texts)},
                         "row_key": ctx.row_key(r["prompt_id"], k), "status": "ok", "pair_type": "terminal",
                         "meta": r.get("meta")})

@@ -32,7 +32,7 @@ from pipeline.agreement import label_agreement
 from pipeline.backends.base import SamplingParams
 from pipeline.judges.config import require_logprobs
 from pipeline.stage import StageConfig, StageContext, register_stage
-from schemas.pairs import make_pairs
+from schemas.pairs import make_pairs, model_name
 from stages._common import now_utc, pair_id, task_item
 
 STAGE = "self_label"
@@ -165,7 +165,7 @@ def label_row(r: dict, problem, texts: list[str], rewards: list[float], cfg: Sel
     elif not texts[c].strip() or not texts[j].strip():  # a pair table's sides are never empty (schemas)
         reason = f"the {'chosen' if not texts[c].strip() else 'rejected'} sample is empty"
     if reason is not None:
-        row.update(status="filtered", error=reason, pair_id=row["row_key"])
+        row.update(status="filtered", error=reason)  # make_pairs: pair_id = row_key
     else:
         row.update(status="ok", pair_id=pair_id(STAGE, r["prompt_id"], texts[c], texts[j]))
     return row
@@ -179,7 +179,7 @@ def run(rows: pa.Table, cfg: SelfLabelConfig, backend, ctx: StageContext) -> dic
     ref = reference_backend(cfg, backend)
     for b in (backend, ref):  # Python callers hand in backends the config load never saw
         require_logprobs(b, f"self-label ({LOGPROBS_NEED})")
-    models = (getattr(backend, "model_id", "unknown"), getattr(ref, "model_id", "unknown"))
+    models = (model_name(backend), model_name(ref))
     prompts = [r["prompt"] for r in records]
     samples = [[c.text for c in comps] for comps in backend.generate(prompts, cfg.sample_params(ctx.seed),
                                                                      n=cfg.n_samples)]

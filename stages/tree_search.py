@@ -25,6 +25,7 @@ from pydantic import model_validator
 from pipeline.judges.config import require_logprobs
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.errors import InputError
+from schemas.pairs import model_name
 from stages._common import now_utc, pair_id
 from stages.tree.best_first import run_best_first
 from stages.tree.config import MiningConfig, SearchConfig
@@ -94,15 +95,15 @@ def make_work(row: dict, tree_id: str, cfg: SearchConfig, rng_seed: int) -> Work
 
 def _failed_pair(pid: str, prompt: str, error: str, key: str, model: str) -> dict:
     return {"pair_id": pair_id("tree", pid, "", "", "failed"), "prompt_id": pid, "prompt": prompt,
-            "chosen": "", "rejected": "", "stage": "tree", "method": "none", "generator_model": model,
-            "created_at": now_utc(), "extra": {}, "row_key": key, "status": "failed", "error": error}
+            "stage": "tree", "method": "none", "generator_model": model, "created_at": now_utc(), "row_key": key,
+            "status": "failed", "error": error}
 
 
 @register_stage("tree-search", config=TreeSearchConfig, input_kind="prompts",
                 outputs={"main": "pairs", "trees": "trees", "lists": "lists"})
 def run(rows: pa.Table, cfg: TreeSearchConfig, backend, ctx: StageContext) -> dict[str, pa.Table]:
     """Tree-search preference pairs: MCTS / best-first / TPO lists, batched across trees."""
-    model = getattr(backend, "model_id", None) or "unknown"
+    model = model_name(backend)
     if cfg.value_fn == "logprob":  # before any row runs: a chat-only server cannot score text
         require_logprobs(backend, "value_fn logprob")
     works, failed = [], []
