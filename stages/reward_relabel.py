@@ -36,8 +36,8 @@ Scores come from a pluggable `score_source`:
 Model-based sources use the backend the engine passes or, when none (e.g. `prefpipe stage reward-relabel`
 without a model), one built from `score_model`.
 
-Input: a pairs table (a stage folder or a file that validates as `pairs`). A raw scored-pair file (prompt_id,
-prompt, chosen, rejected, chosen_score, rejected_score, fine_scores_*) becomes one with `as_pair_input`.
+Input: a pairs table (a stage folder or a file that validates as `pairs`), scored in chosen_score /
+rejected_score (and fine_scores_* for the fine-score filter) when score_source is `columns`.
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from pipeline.backends.base import SamplingParams
@@ -477,29 +476,3 @@ def run(rows: pa.Table, cfg: RewardRelabelConfig, backend, ctx: StageContext) ->
     ctx.progress(rows.num_rows)
     return {"main": make_pairs(out, tuple(dict.fromkeys(groups + ("score_range",))), STAGE_FIELDS)}
 
-
-def as_pair_input(table: pa.Table, *, generator_model: str = "unknown") -> pa.Table:
-    """Fill the pipeline columns (pair_id, stage, method, row_key, status, ...) of a raw scored-pair table
-    (prompt_id, prompt, chosen, rejected, chosen_score, rejected_score, ...) so it validates as `pairs`."""
-    from schemas.tables import PAIRS
-
-    n = table.num_rows
-    cols = set(table.column_names)
-    chosen, rejected = table["chosen"].to_pylist(), table["rejected"].to_pylist()
-    ids = table["prompt_id"].to_pylist() if "prompt_id" in cols else [f"prompt-{i}" for i in range(n)]
-    fill = {
-        "prompt_id": ids,
-        "pair_id": [pair_id("input", p, c, r) for p, c, r in zip(ids, chosen, rejected)],
-        "stage": ["synthetic"] * n, "method": ["input"] * n, "generator_model": [generator_model] * n,
-        "created_at": [now_utc()] * n, "extra": ["{}"] * n, "status": ["ok"] * n,
-    }
-    fill["row_key"] = fill["pair_id"]
-    if {"chosen_score", "rejected_score"} <= cols:
-        fill["score_margin"] = pc.subtract(table["chosen_score"], table["rejected_score"]).to_pylist()
-    for name, values in fill.items():
-        if name not in cols:
-            t = PAIRS.field(name).type if name in PAIRS.names else pa.float64()
-            arr = pa.array(values, pa.string()).dictionary_encode().cast(t) if pa.types.is_dictionary(t) \
-                else pa.array(values, t)
-            table = table.append_column(pa.field(name, t), arr)
-    return table

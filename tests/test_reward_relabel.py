@@ -18,8 +18,9 @@ from pipeline.stage import get_stage
 from pipeline.store import RunStore
 from pipeline.tasks.arith import TaskConfig, make_split
 from schemas import validate
-from stages.reward_relabel import (RA_TEMPLATE, RewardRelabelConfig, as_pair_input, decile_bins, goal_text,
-                                   parse_judge_score, render_score)
+from stages.reward_relabel import (RA_TEMPLATE, RewardRelabelConfig, decile_bins, goal_text, parse_judge_score,
+                                   render_score)
+from tests.helpers.scored_pairs import as_pair_input
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = get_stage("reward-relabel")
@@ -205,7 +206,8 @@ import pyarrow as pa
 from pipeline.engine import run_stage
 from pipeline.stage import get_stage
 from pipeline.store import RunStore
-from stages.reward_relabel import RewardRelabelConfig, as_pair_input
+from stages.reward_relabel import RewardRelabelConfig
+from tests.helpers.scored_pairs import as_pair_input
 n = 90
 raw = pa.table({"prompt_id": [f"q{i}" for i in range(n)], "prompt": [f"question {i}" for i in range(n)],
                 "chosen": [f"good {i}" for i in range(n)], "rejected": [f"bad {i}" for i in range(n)],
