@@ -2,8 +2,8 @@
 
 Every parser returns a `Parsed` with a status: "ok" or a failure category ("empty", "refusal", "echo", ...),
 and an error text that starts with that category ("echo: 0.82 of the 4-grams copy the input"). Stages put
-that text into the row's `error` column, and `parse_report` counts the categories, so parse failures are
-counted and reported, never hidden.
+that text into the row's `error` column, where `error_category` reads it back (the run report counts the
+categories of judged stages, flows/judged.py), so parse failures are counted and reported, never hidden.
 
 The parsers are lenient where a small model is sloppy (bullets, numbering, case, repeated lines) but honest:
 a text that does not carry the asked-for content is a failure, not a guess.
@@ -11,7 +11,6 @@ a text that does not carry the asked-for content is a failure, not a guess.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -259,12 +258,3 @@ def error_category(error: str | None) -> str | None:
         return None
     return error.split(":", 1)[0].strip()
 
-
-def parse_report(table: pa.Table) -> dict:
-    """Counts of a stage output: rows, status counts, error categories, and the parsed share."""
-    status = Counter(table.column("status").to_pylist()) if "status" in table.column_names else Counter()
-    cats = Counter(c for c in map(error_category, table.column("error").to_pylist()) if c) \
-        if "error" in table.column_names else Counter()
-    n = table.num_rows
-    return {"rows": n, "status": dict(status), "errors": dict(cats),
-            "ok_rate": status.get("ok", 0) / n if n else 0.0}

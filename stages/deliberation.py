@@ -28,7 +28,7 @@ Pairs (the "ear-whisperer" recipe):
 Policies are data: `data/policies/<name>.yaml` (or any YAML path), validated on load.
 
 Parse failures (no intents, no thoughts, empty response, all thoughts removed) end that row's run with status
-`filtered` and an error whose first word names the step (stages._judge.parse_report counts them). An agent
+`filtered` and an error whose first word names the step (`stages._judge.error_category`). An agent
 turn that neither agrees nor adds a thought counts in `agent_unparsed` and adds nothing. Deviation from the
 paper, recorded in `extra`: selected is the AIDSAFE output, not a sample of an SFT model (there is none yet).
 """

@@ -22,7 +22,7 @@ filtered and counted; the judge's model, template version, raw answers and P(arg
 into `extra`. Without a judge the regex reader `stages._judge.argued_for` decides (`label_mismatch`).
 
 Checks (stages._judge; every failure is kept as a row with status `filtered` and an error text whose first
-word is the category, counted by `stages._judge.parse_report`):
+word is the category, `stages._judge.error_category`):
   empty / too_short / refusal  the text itself;
   echo                         most of its 4-grams are copied from the prompt or the responses;
   label_mismatch               (no judge) it argues for the rejected response, or for both equally;

@@ -25,7 +25,7 @@ from pipeline.stage import StageContext, get_stage
 from pipeline.store import RunStore
 from schemas import validate
 from stages import deliberation as D
-from stages._judge import parse_report
+from tests.helpers.report import parse_report
 
 try:
     from tests.test_rationales import ScriptedBackend

@@ -12,7 +12,7 @@ from pipeline.backends.testserver import serving
 from pipeline.judges.config import JudgeConfig
 from pipeline.judges.scripted import ScriptedJudgeModel
 from stages import rationales as R
-from stages._judge import parse_report
+from tests.helpers.report import parse_report
 from tests.test_rationales import ScriptedBackend, make_pairs, run_direct
 
 NOISE, BIAS = 0.1, 0.1   # P("A") = NOISE + (1 - 2 NOISE) [the explanation names A] + BIAS

@@ -29,7 +29,7 @@ from pipeline.stage import StageContext, get_stage
 from pipeline.store import RunStore
 from stages import rationales as R
 from stages._common import now_utc, pair_id
-from stages._judge import parse_report
+from tests.helpers.report import parse_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = get_stage("rationales")
