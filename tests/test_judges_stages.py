@@ -11,6 +11,7 @@ import pytest
 from pipeline.backends.testserver import serving
 from pipeline.judges.config import JudgeConfig
 from pipeline.judges.scripted import ScriptedJudgeModel
+from pipeline.judges.verifier_judge import errs, truth_rule
 from stages import rationales as R
 from tests.helpers.report import parse_report
 from tests.test_rationales import ScriptedBackend, make_pairs, run_direct
@@ -131,22 +132,8 @@ STEP_NOISE = 0.2
 
 
 def flipped(question: str, prefix: str, step: str) -> bool:
-    """The scripted step judge errs on a fixed, hash-chosen STEP_NOISE share of the (problem, prefix, step)s."""
-    import hashlib
-    h = int(hashlib.sha1(f"{question}|{prefix}|{step}".encode()).hexdigest()[:8], 16)
-    return h % 1000 < 1000 * STEP_NOISE
-
-
-def step_judge(items: dict):
-    """Knows the truth (the bundled task's exact step check of prefix + step), up to the scripted noise."""
-    def rule(q: str):
-        m = re.search(r"Problem: (.*)\n\nSteps so far:\n(.*)\n\nNext step: (.*)\n\nGiven the steps", q, re.S)
-        question, prefix, step = m.groups()
-        steps = ([] if prefix == "(none)" else prefix.split("\n")) + [step]
-        wrong = items[question].first_wrong_step("\n".join(steps))
-        right = wrong is None or wrong > len(steps)
-        return "Yes" if right != flipped(question, prefix, step) else "No"
-    return rule
+    """The verifier-backed judge errs on a fixed, hash-chosen STEP_NOISE share of the (problem, prefix, step)s."""
+    return errs(question + prefix + step, STEP_NOISE)
 
 
 def test_tree_search_value_fn_judge_follows_the_judge_up_to_its_noise():
@@ -157,7 +144,7 @@ def test_tree_search_value_fn_judge_follows_the_judge_up_to_its_noise():
 
     problems, table = task_rows(6)
     items = {r["prompt"]: item_for_row(r) for r in table.to_pylist()}
-    with serving(ScriptedJudgeModel(step_judge(items)), served_model="step-judge") as srv:
+    with serving(ScriptedJudgeModel(truth_rule(items, STEP_NOISE)), served_model="step-judge") as srv:
         judge = JudgeConfig(model="step-judge", backend="http", base_url=srv.url)
         cfg = TreeSearchConfig(value_fn="judge", judge=judge, iterations=8, validity_rollouts=0)
         policy = FakeArithBackend(problems, 0.7)
