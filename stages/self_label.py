@@ -9,10 +9,10 @@ Label one prompt:
     label_confidence = σ(β·(r_chosen − r_rejected));  low_confidence = label_confidence < threshold
 
 The reference is named by `ref_model` (a model folder or built-in name, loaded once per process with
-`ref_backend`; `register_reference` lets Python code hand in a ready backend). When the policy *is* the
-reference every reward is 0 and the label carries no information: such prompts (|Δr| ≤ `tie_tolerance`) come
-out as `filtered` rows saying so, as do prompts whose K samples are all the same text. SPA therefore starts
-from a DPO-trained policy π_0 (trained on a small labelled seed set) and judges with π_0 against the SFT model.
+`ref_backend`). When the policy *is* the reference every reward is 0 and the label carries no information: such
+prompts (|Δr| ≤ `tie_tolerance`) come out as `filtered` rows saying so, as do prompts whose K samples are all the
+same text. SPA therefore starts from a DPO-trained policy π_0 (trained on a small labelled seed set) and judges
+with π_0 against the SFT model.
 
 The iteration loop over this stage and the trainer (SPA's `run_all.sh`) is flows/spa.py's `spa_iterate`.
 
@@ -81,12 +81,7 @@ class SelfLabelConfig(StageConfig):
 
 
 # ----------------------------------------------------------------------------------------- reference model
-_REFERENCES: dict[tuple[str, str], Any] = {}
-
-
-def register_reference(name: str, backend, kind: str = "transformers") -> None:
-    """Use `backend` whenever a config names `name` as ref_model (tests, notebooks, spa_iterate)."""
-    _REFERENCES[(kind, name)] = backend
+_REFERENCES: dict[tuple[str, str], Any] = {}   # (ref_backend, ref_model) -> the loaded reference
 
 
 def reference_backend(cfg: SelfLabelConfig, policy):

@@ -90,8 +90,8 @@ def test_sample_pairs_carry_pair_type_verification_and_0_1(tmp_path):
 
 def test_self_label_pairs_carry_verification(tmp_path):
     from tests.test_self_label import ANSWERS, ScriptedLM, _run, policy_lp, prompts, ref_lp
-    from stages.self_label import register_reference
-    register_reference("sft-contract", ScriptedLM("sft", ANSWERS, ref_lp))
+    from tests.helpers.references import use_reference
+    use_reference("sft-contract", ScriptedLM("sft", ANSWERS, ref_lp))
     _, out = _run(prompts(), ScriptedLM("pi0", ANSWERS, policy_lp), tmp_path, n_samples=3,
                   ref_model="sft-contract")
     out = carries(out, ("verification",))

@@ -13,7 +13,8 @@ from pipeline.errors import InputError
 from pipeline.stage import get_stage
 from pipeline.store import RunStore
 from pipeline.tasks.arith import TaskConfig, make_split, problems_to_table
-from stages.self_label import SelfLabelConfig, label_report, register_reference, select, sigmoid
+from stages.self_label import SelfLabelConfig, label_report, select, sigmoid
+from tests.helpers.references import use_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = get_stage("self-label")
@@ -60,7 +61,7 @@ def _run(rows, backend, tmp_path, name="run", **cfg):
 
 def test_labels_are_argmax_argmin_of_the_implicit_reward(tmp_path):
     pol, ref = ScriptedLM("pi0", ANSWERS, policy_lp), ScriptedLM("sft", ANSWERS, ref_lp)
-    register_reference("sft-test", ref)
+    use_reference("sft-test", ref)
     res, out = _run(prompts(), pol, tmp_path, n_samples=3, ref_model="sft-test", iteration=1)
     assert pol.calls == {"generate": 1, "logprobs": 1} and ref.calls["logprobs"] == 1   # batched over the shard
     rows = {r["prompt_id"]: r for r in out.to_pylist()}
@@ -83,7 +84,7 @@ def test_labels_are_argmax_argmin_of_the_implicit_reward(tmp_path):
 def test_an_empty_sample_on_either_side_is_filtered_not_a_broken_pair(tmp_path):
     # r = policy - ref = 0.5·len(y): the empty sample has the lowest reward and would be the rejected side
     answers = {"q1": ["", "abc", "ab"]}
-    register_reference("sft-empty", ScriptedLM("sft", answers, ref_lp))
+    use_reference("sft-empty", ScriptedLM("sft", answers, ref_lp))
     res, out = _run(prompts(["q1"]), ScriptedLM("pi0", answers, policy_lp), tmp_path, n_samples=3,
                     ref_model="sft-empty")
     row = out.to_pylist()[0]
@@ -101,7 +102,7 @@ def test_policy_equal_to_reference_ties_and_is_filtered(tmp_path):
 
 
 def test_max_chosen_picks_a_seeded_other_sample(tmp_path):
-    register_reference("sft-test2", ScriptedLM("sft", ANSWERS, ref_lp))
+    use_reference("sft-test2", ScriptedLM("sft", ANSWERS, ref_lp))
     _, a = _run(prompts(["q1"]), ScriptedLM("pi0", ANSWERS, policy_lp), tmp_path, "a", n_samples=3,
                 ref_model="sft-test2", selection="max_chosen")
     _, b = _run(prompts(["q1"]), ScriptedLM("pi0", ANSWERS, policy_lp), tmp_path, "b", n_samples=3,
@@ -123,7 +124,7 @@ def test_verifiable_prompts_record_correctness_and_the_report(tmp_path):
     # the policy likes the right answer on the first problem and the wrong one on the second
     likes = {probs[0].gold_solution, wrong[probs[1].question]}
     pol = ScriptedLM("pi0", answers, lambda y: -10.0 + (3.0 if y in likes else 0.0))
-    register_reference("sft-test3", ScriptedLM("sft", answers, lambda y: -10.0))
+    use_reference("sft-test3", ScriptedLM("sft", answers, lambda y: -10.0))
     _, out = _run(rows, pol, tmp_path, ref_model="sft-test3")
     got = [(r["chosen_correct"], r["rejected_correct"]) for r in out.to_pylist()]
     assert got == [(True, False), (False, True)]
@@ -137,7 +138,7 @@ def test_verifiable_prompts_record_correctness_and_the_report(tmp_path):
 
 def test_malformed_input_is_rejected_with_a_clear_error(tmp_path):
     pol = ScriptedLM("pi0", ANSWERS, policy_lp)
-    register_reference("sft-test4", ScriptedLM("sft", ANSWERS, ref_lp))
+    use_reference("sft-test4", ScriptedLM("sft", ANSWERS, ref_lp))
     with pytest.raises(InputError, match=r"column 'prompt'.*missing required column"):
         _run(prompts().drop_columns(["prompt"]), pol, tmp_path)
     bad = prompts(["q1"]).append_column("meta", pa.array(["{not json"]))
@@ -156,11 +157,12 @@ import pyarrow as pa
 from pipeline.engine import run_stage
 from pipeline.stage import get_stage
 from pipeline.store import RunStore
-from stages.self_label import SelfLabelConfig, register_reference
+from stages.self_label import SelfLabelConfig
+from tests.helpers.references import use_reference
 from tests.test_self_label import ScriptedLM, policy_lp, ref_lp
 ids = [f"p{i}" for i in range(40)]
 answers = {p: [p + "a" * (i % 5), p + "b", p + "cc"] for i, p in enumerate(ids)}
-register_reference("ref", ScriptedLM("ref", answers, ref_lp))
+use_reference("ref", ScriptedLM("ref", answers, ref_lp))
 slow = float(sys.argv[2])
 run_stage(get_stage("self-label"), pa.table({"prompt_id": ids, "prompt": ids}),
           SelfLabelConfig(n_samples=3, ref_model="ref"), ScriptedLM("pol", answers, policy_lp),
