@@ -449,7 +449,7 @@ def test_bco_running_mean_over_calls():
     pair_loss(to_batch(first), cfg, state)
     x1 = as_lists(first)
     mean1 = sum(0.1 * (a - b) for a, b in zip(x1["pc"] + x1["pr"], x1["rc"] + x1["rr"])) / 6
-    assert state.bco_reward_count == 1 and abs(state.bco_mean - mean1) <= 1e-6
+    assert state.bco_reward_count == 1 and abs(state.bco_reward_sum - mean1) <= 1e-6
     check_against_reference(second, cfg, state=state, ref_extra={"bco_prev": (mean1, 1)})
     assert state.bco_reward_count == 2
     # Evaluation leaves the state alone.

@@ -302,7 +302,3 @@ class LossState:
 
     def on_optimizer_step(self) -> None:
         self.step += 1
-
-    @property
-    def bco_mean(self) -> float:
-        return self.bco_reward_sum / self.bco_reward_count if self.bco_reward_count else 0.0
