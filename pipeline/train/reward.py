@@ -268,6 +268,3 @@ def load_reward_model(cfg: "TrainConfig"):
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     return model, tok
 
-
-def train_reward(cfg: "TrainConfig", **kwargs) -> TrainResult:
-    return RewardTrainer(cfg, **kwargs).train()
