@@ -15,10 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
 from pipeline.backends.base import cut_at_stop
-from pipeline.judges.ask import ask_logprobs
 from pipeline.judges.parse import is_refusal  # noqa: F401  (stages import it from here)
 
 
@@ -231,16 +228,6 @@ def generate_parsed(backend, prompts: list, parse: Callable[[int, str], Parsed],
             results[i] = parse(i, cut_at_stop(o[0].text, list(getattr(sp, "stop", []) or []), False)[0])
         todo = [i for i in todo if not results[i].ok]
     return results, attempts
-
-
-def yes_probability(backend, prompts: list, prefix: str = "", yes: str = "Yes", no: str = "No") -> list[float]:
-    """P(yes) / (P(yes) + P(no)) for the assistant answering each prompt, from teacher-forced log-probs.
-
-    A classifier out of any causal LM with no parsing step: one batched `logprobs` call scores both answers
-    of every prompt. `prefix` is assistant text put before the answer word (e.g. "Answer: ").
-    """
-    answers = ask_logprobs(backend, list(prompts), [prefix + yes, prefix + no])
-    return [a.share(prefix + yes) for a in answers]
 
 
 def calibrate(p: float, p_content_free: float) -> float:

@@ -130,17 +130,6 @@ def test_text_helpers():
     assert is_refusal("I'm sorry, but I can't do that.") and not is_refusal("Sorry to hear that; here is how.")
 
 
-def test_yes_probability_is_a_two_way_softmax_in_one_call():
-    import math
-
-    from stages._judge import yes_probability
-    be = ScriptedBackend(None, score=lambda p, c: {"Yes": -1.0, "No": -1.0 - math.log(3)}[c] if "q1" in p
-                         else {"Yes": -5.0, "No": -0.5}[c])
-    got = yes_probability(be, ["q1", "q2"])
-    assert be.calls == [("logprobs", 4)]
-    assert got[0] == pytest.approx(0.75) and got[1] == pytest.approx(1 / (1 + math.exp(4.5)))
-
-
 # ------------------------------------------------------------------------------------------- golden
 def test_golden_rows_order_lead_and_training_prompt():
     be = ScriptedBackend(good_reply)

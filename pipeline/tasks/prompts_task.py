@@ -1,5 +1,5 @@
 """`prompts`: open-ended prompts with no gold answer (chat, safety, writing). Stages that need gold refuse it
-when the run config is loaded (see `pipeline.tasks.registry.require_gold`)."""
+when the run config is loaded (a stage config's `gold_needed`, checked by flows/config.py)."""
 from __future__ import annotations
 
 import pyarrow as pa

@@ -74,9 +74,3 @@ def item_for_row(row: dict) -> TaskItem:
     except InputError as e:
         raise InputError(f"{e.reason} (prompt_id {row.get('prompt_id')!r})", column=e.column or "meta") from None
 
-
-def require_gold(stage: str, task: Task, needs: str = "a gold answer to check responses against") -> None:
-    """Refuse a gold-free task for a stage that needs gold (called when a run config is loaded)."""
-    if not task.has_gold:
-        raise InputError(f"stage {stage!r} needs {needs}; task {task.name!r} has no gold answers",
-                         column="stages")
