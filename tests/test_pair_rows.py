@@ -171,9 +171,13 @@ def test_every_pair_stage_writes_the_same_unknown_model(tmp_path):
     # relabel carries its source's generator_model (here the tree's), with no fallback of its own
     relabeled = run_stage(relabel, tree, relabel.config(), None, RunStore(tmp_path / "r"), progress=False).read()
 
-    got = {name: _model_columns(t) for name, t in {
-        "tree-search": tree, "sample-pairs": sampled, "intervention": intervened, "self-label": labelled,
-        "deliberation": deliberated, "rationales": argued, "reward-relabel": relabeled}.items()}
+    tables = {"tree-search": tree, "sample-pairs": sampled, "intervention": intervened, "self-label": labelled,
+              "deliberation": deliberated, "rationales": argued, "reward-relabel": relabeled}
+    got = {name: _model_columns(t) for name, t in tables.items()}
+    # a row that is not a pair keeps its row_key as pair_id, in every stage that leaves pair_id to the default
+    not_pairs = {name: [(r["pair_id"], r["row_key"]) for r in t.to_pylist() if r["status"] != "ok"]
+                 for name, t in tables.items() if name != "tree-search"}
+    assert not_pairs["self-label"] and all(pid == key for rows in not_pairs.values() for pid, key in rows)
     assert all(t.num_rows for t in (tree, sampled, intervened, labelled, deliberated, argued, relabeled))
     assert got == {
         "tree-search": {"generator_model": {"unknown"}, "judge_model": {None}},
