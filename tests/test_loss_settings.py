@@ -104,3 +104,12 @@ def test_run_config_load_refuses_it_in_an_arm(tmp_path, monkeypatch, capsys):
                     "rpo_form 'cumulative'")
     assert _files(tmp_path) == before
 
+
+
+def test_label_smoothing_beside_label_confidence_on_sigmoid_alone_is_refused():
+    # use_label_confidence replaces label_smoothing with 1 - confidence for sigmoid; another loss still reads it
+    with pytest.raises(ValidationError, match=r"label_smoothing=0.1 would be ignored: use_label_confidence "
+                                              r"replaces it for sigmoid"):
+        LossConfig(use_label_confidence=True, label_smoothing=0.1)
+    assert LossConfig(loss_type=["sigmoid", "robust"], use_label_confidence=True, label_smoothing=0.1)
+    assert LossConfig(use_label_confidence=True, label_smoothing=0.0)

@@ -239,6 +239,10 @@ class LossConfig(BaseModel):
             raise ValueError(f"loss_type lists a loss twice: {types}")
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(types)} loss types")
+        smoothed = set(types) & {"exo_pair", "robust", "aot", "aot_unpaired", "simpo"}  # label_smoothing, not
+        if self.use_label_confidence and self.label_smoothing and not smoothed:       # the per-pair confidence
+            raise ValueError(f"label_smoothing={self.label_smoothing} would be ignored: use_label_confidence "
+                             f"replaces it for sigmoid, and loss_type {types} has no other loss that reads it")
         if "robust" in types and self.label_smoothing >= 0.5:
             raise ValueError("robust needs label_smoothing < 0.5 (it divides by 1 - 2ε)")
         if self.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_TYPES:
