@@ -168,3 +168,22 @@ def test_stage_command_refuses_a_missing_value_model(tmp_path):
         "error: file <command line>, column 'value_model': Value error, reward-model folder 'no/such' does not exist "
         "(relative paths start at the working directory)"], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
+
+
+def test_report_shows_a_reward_arm_as_a_verifier(tmp_path):
+    """The summary keeps the trainer's last held-out result for a reward arm; the markdown lists it under Reward
+    models and not in the policy arms' table."""
+    from flows.report import _reward_lines, build_summary
+
+    cfg, _ = load_run_config(_config(tmp_path))
+    final = {"step": 3, "pairs": 12, "accuracy": 0.75, "margin": 0.5,
+             "by_pair_type": {"first_wrong_step": {"pairs": 8, "accuracy": 0.875},
+                              "terminal": {"pairs": 4, "accuracy": 0.5}}}
+    arm = tmp_path / "out" / "train" / "rm"
+    arm.mkdir(parents=True)
+    (arm / "train_summary.json").write_text(json.dumps({"kind": "reward", "steps": 3, "final_eval": final}))
+    summary = build_summary(cfg)
+    assert summary["train"]["rm"]["reward_eval"] == final and "reward_eval" not in summary["train"]["dpo"]
+    assert summary["evals"] == {} and summary["headline"]["treatment"] is None
+    assert _reward_lines(summary["train"])[4] == \
+        "| rm | tree-roll | 3 | 12 | 75.0 % | +0.500 | first_wrong_step 87.5 % of 8, terminal 50.0 % of 4 |"
