@@ -109,7 +109,7 @@ def step_rows(table: pa.Table) -> pa.Array:
                                                                              "rejected_is_terminal")
              if c in table.column_names]
     if not flags:
-        return pa.array([False] * table.num_rows)
+        return pa.array([False] * table.num_rows, pa.bool_())  # typed: [] alone is a null array (no ok rows)
     return pc.or_(*flags) if len(flags) == 2 else flags[0]
 
 
