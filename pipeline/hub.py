@@ -278,7 +278,8 @@ def _task_hint(store: RunStore, configs: list[ConfigExport]) -> str | None:
                      None)
         if first is None:
             continue
-        ids, extras = first.column(0).to_pylist(), first.column(1).to_pylist()
+        ids = first.column("prompt_id").to_pylist()  # an output without `extra` (SFT generations) gives ids only
+        extras = first.column("extra").to_pylist() if "extra" in first.schema.names else []
         if ids and sum(str(i).startswith("arith-") for i in ids) > len(ids) // 2:
             return "arith"
         for extra in extras:
