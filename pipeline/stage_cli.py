@@ -22,8 +22,16 @@ def load_config(spec: StageSpec, config_file: Path | None, overrides: dict[str, 
     """The stage's config from `config_file` (YAML/JSON, optional) with `overrides` (None = not given) on top."""
     data: dict[str, Any] = read_config(config_file, f"config of stage '{spec.name}'") if config_file else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return validate(spec.config, data, file=str(config_file) if config_file else "<command line>",
-                    what=f"config of stage '{spec.name}'")
+    file = str(config_file) if config_file else "<command line>"
+    cfg = validate(spec.config, data, file=file, what=f"config of stage '{spec.name}'")
+    # `@ARM` names a training arm of a run config (flows resolve it to the arm's folder); a single stage command
+    # has no arms, so the reference would only fail when the first node is scored, after the policy loaded.
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value.startswith("@") and name.endswith("_model"):
+            raise InputError(f"{value!r} names a run config's training arm; a stage command takes a model folder",
+                             file=file, column=name)
+    return cfg
 
 
 def check_common(common: dict[str, Any]) -> None:

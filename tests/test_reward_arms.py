@@ -187,3 +187,18 @@ def test_report_shows_a_reward_arm_as_a_verifier(tmp_path):
     assert summary["evals"] == {} and summary["headline"]["treatment"] is None
     assert _reward_lines(summary["train"])[4] == \
         "| rm | tree-roll | 3 | 12 | 75.0 % | +0.500 | first_wrong_step 87.5 % of 8, terminal 50.0 % of 4 |"
+
+
+def test_stage_command_refuses_an_arm_reference(tmp_path):
+    """`@ARM` means a run config's training arm; a single stage command has none, so it is refused at load (exit 2,
+    the option named) instead of failing when the first node is scored, after the policy loaded."""
+    from pipeline.tasks.arith import TaskConfig, make_split, problems_to_table
+
+    pq.write_table(problems_to_table(make_split(TaskConfig.tiny(), "train", 2)), tmp_path / "p.parquet")
+    proc = subprocess.run([str(PREFPIPE), "stage", "tree-search", "-i", "p.parquet", "-o", "out", "--value-fn",
+                           "reward_model", "--value-model", "@rm"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PREFPIPE_NO_PROGRESS": "1"})
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: file <command line>, column 'value_model': '@rm' names a run config's training arm; a stage command "
+        "takes a model folder"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
