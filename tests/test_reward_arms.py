@@ -155,50 +155,22 @@ def test_the_loop_runs_in_one_config(tmp_path):
     assert summary["headline"]["treatment"] == "dpo"
 
 
-def test_stage_command_refuses_a_missing_value_model(tmp_path):
-    """`prefpipe stage tree-search --value-model DIR` checks the folder at load: exit 2 naming the option, before
-    the policy loads, no output folder."""
+@pytest.mark.parametrize("value_model, why", [
+    ("no/such", "Value error, reward-model folder 'no/such' does not exist (relative paths start at the working "
+                "directory)"),
+    # `@ARM` means a run config's training arm; a single stage command has none, so it is refused at load instead
+    # of failing when the first node is scored, after the policy loaded
+    ("@rm", "'@rm' names a run config's training arm; a stage command takes a model folder"),
+])
+def test_stage_command_refuses_a_bad_value_model(tmp_path, value_model, why):
+    """`prefpipe stage tree-search --value-model X` checks X at load: exit 2 naming the option, before the policy
+    loads, no output folder."""
     from pipeline.tasks.arith import TaskConfig, make_split, problems_to_table
 
     pq.write_table(problems_to_table(make_split(TaskConfig.tiny(), "train", 2)), tmp_path / "p.parquet")
     proc = subprocess.run([str(PREFPIPE), "stage", "tree-search", "-i", "p.parquet", "-o", "out", "--value-fn",
-                           "reward_model", "--value-model", "no/such"], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env={**os.environ, "PREFPIPE_NO_PROGRESS": "1"})
+                           "reward_model", "--value-model", value_model], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "PREFPIPE_NO_PROGRESS": "1"})
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        "error: file <command line>, column 'value_model': Value error, reward-model folder 'no/such' does not exist "
-        "(relative paths start at the working directory)"], proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
-
-
-def test_report_shows_a_reward_arm_as_a_verifier(tmp_path):
-    """The summary keeps the trainer's last held-out result for a reward arm; the markdown lists it under Reward
-    models and not in the policy arms' table."""
-    from flows.report import _reward_lines, build_summary
-
-    cfg, _ = load_run_config(_config(tmp_path))
-    final = {"step": 3, "pairs": 12, "accuracy": 0.75, "margin": 0.5,
-             "by_pair_type": {"first_wrong_step": {"pairs": 8, "accuracy": 0.875},
-                              "terminal": {"pairs": 4, "accuracy": 0.5}}}
-    arm = tmp_path / "out" / "train" / "rm"
-    arm.mkdir(parents=True)
-    (arm / "train_summary.json").write_text(json.dumps({"kind": "reward", "steps": 3, "final_eval": final}))
-    summary = build_summary(cfg)
-    assert summary["train"]["rm"]["reward_eval"] == final and "reward_eval" not in summary["train"]["dpo"]
-    assert summary["evals"] == {} and summary["headline"]["treatment"] is None
-    assert _reward_lines(summary["train"])[4] == \
-        "| rm | tree-roll | 3 | 12 | 75.0 % | +0.500 | first_wrong_step 87.5 % of 8, terminal 50.0 % of 4 |"
-
-
-def test_stage_command_refuses_an_arm_reference(tmp_path):
-    """`@ARM` means a run config's training arm; a single stage command has none, so it is refused at load (exit 2,
-    the option named) instead of failing when the first node is scored, after the policy loaded."""
-    from pipeline.tasks.arith import TaskConfig, make_split, problems_to_table
-
-    pq.write_table(problems_to_table(make_split(TaskConfig.tiny(), "train", 2)), tmp_path / "p.parquet")
-    proc = subprocess.run([str(PREFPIPE), "stage", "tree-search", "-i", "p.parquet", "-o", "out", "--value-fn",
-                           "reward_model", "--value-model", "@rm"], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env={**os.environ, "PREFPIPE_NO_PROGRESS": "1"})
-    assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        "error: file <command line>, column 'value_model': '@rm' names a run config's training arm; a stage command "
-        "takes a model folder"], proc.stderr
+        f"error: file <command line>, column 'value_model': {why}"], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
