@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,37 @@ def answer_agreement(pairs, items: dict) -> dict | None:
         pre = r.get("shared_prefix") or ""
         verdicts.append((it.correct(pre + r["chosen"]), it.correct(pre + r["rejected"])))
     return label_agreement(verdicts)
+
+
+def validity_by_sides(pairs) -> dict:
+    """Step pairs whose order held under fresh rollouts, split by whether a side was rolled out again: a side
+    that ends the response is re-estimated by its answer check alone (stages/tree/validity.py), so pairs of
+    two finished responses hold whenever the answer check agrees with the label."""
+    groups: dict[str, list[bool]] = {"both_finished": [], "a_side_rolled_out": []}
+    for r in pairs.to_pylist():
+        extra = json.loads(r["extra"] or "{}")
+        if r["status"] != "ok" or "order_holds" not in extra:
+            continue
+        both = bool(r["chosen_is_terminal"]) and bool(r["rejected_is_terminal"])
+        groups["both_finished" if both else "a_side_rolled_out"].append(bool(extra["order_holds"]))
+    return {k: {"n": len(v), "held": sum(v), "share": sum(v) / len(v) if v else None} for k, v in groups.items()}
+
+
+def answer_read(cfg, rd: Path) -> dict:
+    """Per evaluated model: share of eval answers whose extracted answer is a plain integer (the format the
+    chain_sum scorer can accept), and accuracy among those -- separates "answers in a readable form" from
+    "adds correctly"."""
+    from pipeline.tasks.registry import get_task
+
+    task = get_task(cfg.eval.task_name, **cfg.eval.options)
+    out = {}
+    for f in sorted((rd / "eval").glob("*.json")):
+        per = json.loads(f.read_text())["per_problem"]
+        readable = [p for p in per if re.fullmatch(r"-?\d+", (task.extract_answer(p["output"]) or "").strip())]
+        out[f.stem] = {"n": len(per), "readable": len(readable),
+                       "accuracy_when_readable": sum(p["correct"] for p in readable) / len(readable)
+                       if readable else None}
+    return out
 
 
 class CountingBackend:
@@ -108,11 +140,13 @@ def main() -> None:
                                            "step_order_holds", "prompts_with_pairs", "pairs_per_prompt")})
             terminal = pairs.filter(pairs.column("pair_type").to_numpy(zero_copy_only=False) == "terminal")
             info["terminal_answer_check"] = answer_agreement(terminal, items)  # the gym scorer, from the inputs
+            info["step_validity_by_sides"] = validity_by_sides(pairs)
         else:
             info["answer_check"] = answer_agreement(pairs, items)
         out["stages"][s.folder] = info
     summary = build_summary(cfg)
     out["evals"], out["deltas"], out["train"] = summary["evals"], summary["deltas"], summary["train"]
+    out["answer_read"] = answer_read(cfg, rd)
     if args.tokens:
         tree = next(s for s in cfg.stages if s.stage == "tree-search")
         out["token_yield"] = token_yield(cfg, tree.config, inputs[:args.tokens], seed=0)
