@@ -38,7 +38,7 @@ class StageResult:
 
 def stage_fingerprint(spec: StageSpec, cfg: StageConfig, backend: Any | None) -> tuple[str, dict]:
     inputs = fingerprint_inputs(
-        spec.name, cfg.version, cfg.model_dump(mode="json"),
+        spec.name, cfg.version, cfg.fingerprint_config(),
         model_id=getattr(backend, "model_id", None), weights_hash=getattr(backend, "weights_hash", None),
         sampling=cfg.sampling(), templates=cfg.templates())
     return fingerprint(inputs), inputs

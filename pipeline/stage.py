@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.fingerprint import derive_seed, row_key
 
 
+# `json_schema_extra` of a config field added after the stage's first release (see fingerprint_config)
+ADDED_LATER = {"fingerprint": "omitted at its default"}
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: all fields have defaults and a description; unknown fields are errors."""
 
@@ -28,6 +32,17 @@ class StageConfig(BaseModel):
     version: ClassVar[str] = "1"
 
     seed: int = Field(0, description="Base seed; each shard derives its own from it and the fingerprint.")
+
+    def fingerprint_config(self) -> dict:
+        """The config as it goes into the fingerprint. A field added after runs were made with this stage, marked
+        `json_schema_extra=ADDED_LATER`, is left out while it holds its default: a new option that leaves the
+        output unchanged must not reseed the shards of existing runs (their resume and their numbers)."""
+        data = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            if field.json_schema_extra == ADDED_LATER and getattr(self, name) == field.get_default(
+                    call_default_factory=True):
+                del data[name]
+        return data
 
     def templates(self) -> dict[str, str]:
         """Prompt template texts that shape the output (they go into the fingerprint)."""

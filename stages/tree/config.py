@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pipeline.backends.base import SamplingParams
 from pipeline.config_io import NonEmptyStr
 from pipeline.judges.config import JudgeConfig
+from pipeline.stage import ADDED_LATER
 
 
 class SearchConfig(BaseModel):
@@ -34,11 +35,14 @@ class SearchConfig(BaseModel):
                                 "check, else the node value), on [0, 1]; judge: a pointwise judge score "
                                 "(`judge`, `list_rubric`) on `list_scale`; reward_model: sigmoid of the reward "
                                 "model's score (`value_model`) on [0, 1]. Lists declare the scale as "
-                                "score_min/score_max, the range the TPO loss maps its labels from")
+                                "score_min/score_max, the range the TPO loss maps its labels from",
+        json_schema_extra=ADDED_LATER)
     list_rubric: str = Field("how correct, complete and clearly reasoned the response is",
-                             description="list_score judge: the rubric of the pointwise score")
+                             description="list_score judge: the rubric of the pointwise score",
+                             json_schema_extra=ADDED_LATER)
     list_scale: tuple[int, int] = Field((1, 10), validate_default=True,
-                                        description="list_score judge: the judge's integer scale")
+                                        description="list_score judge: the judge's integer scale",
+                                        json_schema_extra=ADDED_LATER)
     value_model: str | None = Field(
         None, validate_default=True, description="value_fn / list_score reward_model: the reward-model folder "
         "(AutoModelForSequenceClassification, e.g. from `prefpipe train --mode reward`)")
