@@ -46,11 +46,30 @@ def source_problems(src: TaskSource, default_split: str) -> pa.Table:
                          options=src.options)[1]
 
 
+def inputs_record(cfg: RunConfig, base: Path) -> dict:
+    """What made inputs/prompts.parquet: the config's `inputs` section and, for a file, its sha256 (the path may be
+    relative; the content is what matters)."""
+    from pipeline.store import file_digest
+
+    record = {"inputs": cfg.inputs.model_dump(mode="json")}
+    if cfg.inputs.file is not None and _resolve(base, cfg.inputs.file).is_file():
+        record["file_sha256"] = file_digest(_resolve(base, cfg.inputs.file))[1]
+    return record
+
+
 def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
-    """Write the run's prompts to inputs/prompts.parquet (once; a rerun keeps the file)."""
+    """Write the run's prompts to inputs/prompts.parquet once; a rerun keeps the file if the config's `inputs`
+    (and the file it names) are what made it, and refuses otherwise: every stage, arm and eval of the run folder
+    was built on those prompts, so silently keeping them under a changed `inputs` would report the old run."""
     out = run_dir(cfg) / "inputs" / "prompts.parquet"
+    made_by = out.parent / "inputs.json"
+    record = inputs_record(cfg, base)
     if out.exists():
-        return out
+        if made_by.exists() and json.loads(made_by.read_text()) != record:
+            raise InputError(f"the run folder's prompts ({out}) were made from another `inputs` section or input "
+                             f"file; use a new output_dir, or delete {out.parent} and the stages built on it",
+                             column="inputs")
+        return out  # a folder written before this record existed keeps its prompts, as it always did
     if cfg.inputs.task_name is not None:
         table = source_problems(cfg.inputs, "train")
     elif cfg.inputs.task is not None:
@@ -65,6 +84,7 @@ def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
     if cfg.inputs.limit:
         table = table.slice(0, cfg.inputs.limit)
     atomic_write_table(out, table)
+    atomic_write_bytes(made_by, json.dumps(record, indent=1, sort_keys=True).encode())
     return out
 
 

@@ -261,3 +261,26 @@ def test_report_pools_average_seeds_per_problem(tmp_path):
     assert s["pools_missing"] == {"C": ["late"]}
     md = _markdown(cfg, s, [], cfg_path)
     assert "| B vs A | +18.8 |" in md and "Pool `C` not compared: no eval yet for late." in md
+
+
+def test_rerun_with_changed_inputs_is_refused(tmp_path):
+    """inputs/prompts.parquet is written once; a rerun under a changed `inputs` section (here n 6 -> 4) is refused
+    instead of silently reusing the 6 prompts every stage was built on; the same config reuses them, and a folder
+    from before the record existed keeps its prompts."""
+    from flows.steps import prepare_inputs
+
+    cfg, _ = load_run_config(write_config(tmp_path, n=6))
+    out = prepare_inputs(cfg, tmp_path)
+    assert pq_rows(out) == 6 and prepare_inputs(cfg, tmp_path) == out
+    smaller, _ = load_run_config(write_config(tmp_path, n=4))
+    with pytest.raises(InputError, match=r"made from another `inputs` section") as e:
+        prepare_inputs(smaller, tmp_path)
+    assert e.value.column == "inputs" and pq_rows(out) == 6
+    (out.parent / "inputs.json").unlink()  # a run folder written before the record: kept as it was
+    assert prepare_inputs(smaller, tmp_path) == out and pq_rows(out) == 6
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
