@@ -145,7 +145,6 @@ ROW_DEFAULTS: dict[str, object] = {
     "extra": {},
     "status": "ok",
 }
-DERIVED_DEFAULTS = {"pair_id": "row_key"}
 
 
 def _fill(row: dict, names: set[str], created) -> dict:
@@ -155,9 +154,8 @@ def _fill(row: dict, names: set[str], created) -> dict:
                          f"groups or its stage fields)")
     out = {**ROW_DEFAULTS, "created_at": created}
     out.update((k, v) for k, v in row.items() if v is not None or k not in out)
-    for col, source in DERIVED_DEFAULTS.items():
-        if out.get(col) is None:
-            out[col] = out.get(source)
+    if out.get("pair_id") is None:
+        out["pair_id"] = out.get("row_key")
     return out
 
 
