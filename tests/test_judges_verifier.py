@@ -3,6 +3,11 @@ primitive's questions answered from the task's check, exactly without noise, wro
 noise 1, and through the http backend and the judge primitive as a stage would ask it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pipeline.backends.testserver import serving
@@ -75,3 +80,17 @@ def test_served_verifier_judge_through_the_judge_primitive(task):
             [10.0, 1.0]
         (unknown,) = judge.yes_no(["Is the sky blue?"])
         assert unknown.value is None and UNKNOWN in unknown.error
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--problems", "nope.jsonl"], "error: file nope.jsonl: no such file or directory"),
+    (["--problems", "bad.jsonl"], "error: file bad.jsonl, row 1, column 'prompt': missing prompt column"),
+    (["--problems", "bad.jsonl", "--noise", "2"], "verifier_judge.py: error: --noise must be in [0, 1], got 2.0"),
+])
+def test_server_refuses_bad_input_before_serving(tmp_path, args, error):
+    """A missing or malformed problems file or a noise outside [0, 1]: exit 2 with one error line, no server."""
+    (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
+    proc = subprocess.run([sys.executable, "-m", "pipeline.judges.verifier_judge", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == error and proc.stdout == "", proc.stderr

@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import sys
 
 from pipeline.judges.scripted import ScriptedJudgeModel
+from schemas.errors import PrefpipeError
 
 STEP = re.compile(r"Problem: (.*)\n\nSteps so far:\n(.*)\n\nNext step: (.*)\n\nGiven the steps so far", re.S)
 POINTWISE = re.compile(r"Question: (.*)\n\nResponse: (.*)\n\nGive one whole number from (-?\d+) to (-?\d+)\.",
@@ -101,8 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8001)
     args = ap.parse_args(argv)
-    srv = OpenAICompatServer(verifier_judge(read_input(args.problems), args.noise), "verifier-judge",
-                             args.host, args.port)
+    if not 0.0 <= args.noise <= 1.0:  # `not` also catches nan
+        ap.error(f"--noise must be in [0, 1], got {args.noise}")  # argparse: exit 2, one line
+    try:  # bad problems are the user's input: one `error:` line and exit 2, not a traceback
+        judge = verifier_judge(read_input(args.problems), args.noise)
+    except PrefpipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    srv = OpenAICompatServer(judge, "verifier-judge", args.host, args.port)
     print(f"serving verifier-judge (noise {args.noise}) at {srv.url}", flush=True)
     srv.serve_forever()
 
