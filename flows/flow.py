@@ -15,6 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import parallel, steps
 from flows.config import load_run_config
+from flows.rerun import check_rerun
 from schemas.errors import BackendError
 
 
@@ -97,7 +98,8 @@ def _call(cfg, key: str) -> tuple:
 def prefpipe_flow(config_path: str) -> dict:
     """Run a prefpipe run config: inputs → baseline eval → stages → training arms → evals → report → export.
     With `workers` > 1 every step is submitted once the steps it reads are done (flows/parallel.py)."""
-    cfg, _ = load_run_config(config_path)
+    cfg, base = load_run_config(config_path)
+    check_rerun(cfg, base, config_path)  # a changed step of an existing run folder: refused before any step runs
     tasks = {"inputs": inputs_task, "eval": eval_task, "stage": stage_task, "train": train_task,
              "report": report_task, "export": export_task}
     out, futures = {}, {}
@@ -119,6 +121,7 @@ def prefpipe_flow(config_path: str) -> dict:
 def run_local(config_path: str) -> dict:
     """The same steps in the same order (with `workers` > 1: the same dependencies), without Prefect."""
     cfg, base = load_run_config(config_path)
+    check_rerun(cfg, base, config_path)
     run = {"inputs": lambda: str(steps.prepare_inputs(cfg, base)),
            "stage": lambda name: str(steps.run_stage_step(cfg, name, progress=not steps.no_progress())),
            "train": lambda arm: _heavy("train_step", config_path, arm),

@@ -57,19 +57,27 @@ def inputs_record(cfg: RunConfig, base: Path) -> dict:
     return record
 
 
+def check_inputs(cfg: RunConfig, base: Path) -> dict:
+    """Refuse a run folder whose prompts were made from another `inputs` section or input file; returns the
+    record of the current one."""
+    out = run_dir(cfg) / "inputs" / "prompts.parquet"
+    made_by = out.parent / "inputs.json"
+    record = inputs_record(cfg, base)
+    if out.exists() and made_by.exists() and json.loads(made_by.read_text()) != record:
+        raise InputError(f"the run folder's prompts ({out}) were made from another `inputs` section or input "
+                         f"file; use a new output_dir, or delete {out.parent} and the stages built on it",
+                         column="inputs")
+    return record
+
+
 def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
     """Write the run's prompts to inputs/prompts.parquet once; a rerun keeps the file if the config's `inputs`
     (and the file it names) are what made it, and refuses otherwise: every stage, arm and eval of the run folder
     was built on those prompts, so silently keeping them under a changed `inputs` would report the old run."""
     out = run_dir(cfg) / "inputs" / "prompts.parquet"
-    made_by = out.parent / "inputs.json"
-    record = inputs_record(cfg, base)
+    record = check_inputs(cfg, base)
     if out.exists():
-        if made_by.exists() and json.loads(made_by.read_text()) != record:
-            raise InputError(f"the run folder's prompts ({out}) were made from another `inputs` section or input "
-                             f"file; use a new output_dir, or delete {out.parent} and the stages built on it",
-                             column="inputs")
-        return out  # a folder written before this record existed keeps its prompts, as it always did
+        return out  # a folder written before the record existed keeps its prompts, as it always did
     if cfg.inputs.task_name is not None:
         table = source_problems(cfg.inputs, "train")
     elif cfg.inputs.task is not None:
@@ -84,7 +92,7 @@ def prepare_inputs(cfg: RunConfig, base: Path) -> Path:
     if cfg.inputs.limit:
         table = table.slice(0, cfg.inputs.limit)
     atomic_write_table(out, table)
-    atomic_write_bytes(made_by, json.dumps(record, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(out.parent / "inputs.json", json.dumps(record, indent=1, sort_keys=True).encode())
     return out
 
 
@@ -111,6 +119,17 @@ def stage_input(cfg: RunConfig, ref: str) -> tuple[pa.Table, str]:
     return table, str(st.dir)
 
 
+def stage_config(cfg: RunConfig, step):
+    """The stage config a step runs with: its `config`, with `value_model: "@ARM"` resolved to the arm's folder
+    (a reward arm of this run, trained before this stage: parallel.plan). Stage modules must be loaded."""
+    from pipeline.stage import get_stage
+
+    fields = dict(step.config)
+    if arm_ref(fields.get("value_model")):
+        fields["value_model"] = str(arm_folder(cfg, arm_ref(fields["value_model"])))
+    return get_stage(step.stage).config(**fields)
+
+
 def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> Path:
     from pipeline.engine import run_stage
     from pipeline.stage import get_stage
@@ -119,10 +138,7 @@ def run_stage_step(cfg: RunConfig, stage_id: str, *, progress: bool = True) -> P
     load_stage_modules()
     step = cfg.stage(stage_id)
     spec = get_stage(step.stage)
-    fields = dict(step.config)
-    if arm_ref(fields.get("value_model")):  # a reward arm of this run, trained before this stage (parallel.plan)
-        fields["value_model"] = str(arm_folder(cfg, arm_ref(fields["value_model"])))
-    stage_cfg = spec.config(**fields)
+    stage_cfg = stage_config(cfg, step)
     if cfg.threads:  # else the process keeps what `prefpipe --threads` (or its default) set
         set_threads(cfg.threads)
     backend = None
