@@ -21,31 +21,14 @@ import pyarrow as pa
 from stages._judge import error_category
 
 
-def _name(judge: dict | None, fallback: str) -> str:
-    if not judge or not judge.get("model"):
-        return fallback
-    return f"{judge['model']} ({judge.get('backend', 'transformers')}, {judge.get('mode', 'auto')})"
-
-
 def judges_of(stage: str, c: dict) -> list[str]:
-    """The judges a stage step asks, as a reader would name them ([] when the step asks none)."""
-    own = "the stage's own model"
-    if stage == "rationales" and c.get("judge"):
-        return [_name(c["judge"], own)]
-    if stage == "reward-relabel" and c.get("score_source") == "judge":
-        return [_name(c.get("judge"), c.get("score_model") or own)]
-    if stage == "reward-relabel" and c.get("score_source") == "reward_model":
-        return [f"reward model {c.get('score_model')}"]
-    if stage == "deliberation":  # the classifier and the refiner always ask a judge
-        return [_name({"model": c.get("judge_model"), "backend": c.get("judge_backend", "transformers"),
-                       "mode": c.get("judge_mode", "auto")}, "the agents' own model")]
-    if stage == "intervention" and c.get("harm_judges"):
-        return [_name(j, own) for j in c["harm_judges"]]
-    if stage == "tree-search":
-        named = {"judge": _name(c.get("judge"), own), "reward_model": f"reward model {c.get('value_model')}"}
-        return [f"{what}: {named[kind]}" for what, kind in (("node values", c.get("value_fn")),
-                                                           ("lists", c.get("list_score"))) if kind in named]
-    return []
+    """The judges a stage step asks, as a reader would name them ([] when the step asks none): the stage config's
+    own `judges()`."""
+    from pipeline.stage import get_stage
+    from stages.catalog import load_stage_modules
+
+    load_stage_modules()
+    return get_stage(stage).config(**c).judges()
 
 
 def keep_stats(table: pa.Table) -> dict:

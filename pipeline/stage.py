@@ -62,6 +62,11 @@ class StageConfig(BaseModel):
         enough). A chat-only http model (no local tokenizer) is refused at load with this text."""
         return None
 
+    def judges(self) -> list[str]:
+        """The judges (or reward models) this stage, so configured, asks, as the run report names them ([]: none;
+        the report's judged-stages table lists only stages that ask one)."""
+        return []
+
 
 @dataclass
 class StageContext:

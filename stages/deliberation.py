@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
-from pipeline.judges.config import JudgeConfig, open_judge
+from pipeline.judges.config import JudgeConfig, judge_label, open_judge
 from pipeline.judges.templates import template_version
 from pipeline.models import REPO_ROOT
 from pipeline.stage import StageConfig, StageContext, register_stage
@@ -200,6 +200,9 @@ class DeliberationConfig(StageConfig):
         return JudgeConfig(model=self.judge_model, backend=self.judge_backend, base_url=self.judge_base_url,
                            mode=self.judge_mode, votes=self.judge_votes,
                            temperature=None if self.judge_votes == 1 else 1.0)
+
+    def judges(self) -> list[str]:  # the classifier and the refiner always ask one
+        return [judge_label(self.judge_model, self.judge_backend, self.judge_mode, "the agents' own model")]
 
     def templates(self) -> dict[str, str]:
         ps, _ = load_policies(self.policies)

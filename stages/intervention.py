@@ -138,6 +138,9 @@ class InterventionConfig(StageConfig):
         return "gold answers to find the first wrong step (mode math_correction)" \
             if self.mode == "math_correction" else None
 
+    def judges(self) -> list[str]:
+        return [j.label() for j in self.harm_judges]
+
     def resolved_detector(self) -> str:
         if self.detector == "auto":
             return "verifier" if self.mode == "math_correction" else "cues"

@@ -127,6 +127,9 @@ class RationaleConfig(StageConfig):
     def templates(self) -> dict[str, str]:
         return {"generation": self.template, "train": self.train_template, "lead": self.lead}
 
+    def judges(self) -> list[str]:
+        return [self.judge.label()] if self.judge else []  # without one, the regex reader decides: no judge
+
     def sampling_params(self, attempt: int, seed: int) -> SamplingParams:
         max_tokens = self.max_tokens or (256 if self.style == "general" else 512)
         stop = self.stop if self.stop is not None else (["\n\n"] if self.style == "general" else [])

@@ -52,7 +52,7 @@ from pydantic import Field, model_validator
 
 from pipeline.backends.base import SamplingParams
 from pipeline.errors import InputError
-from pipeline.judges.config import JudgeConfig, open_judge
+from pipeline.judges.config import OWN_MODEL, JudgeConfig, open_judge
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.pairs import SCORE_MAX, SCORE_MIN, carried, flip_sides, groups_of, make_pairs
 from stages._common import now_utc, pair_id
@@ -156,6 +156,11 @@ class RewardRelabelConfig(StageConfig):
         if self.score_source != "judge":
             return {}
         return {"judge": _judge_sampling(self).model_dump(mode="json")}
+
+    def judges(self) -> list[str]:
+        if self.score_source == "judge":  # `judge`'s model, else score_model, else the stage's own backend
+            return [(self.judge or JudgeConfig()).label(self.score_model or OWN_MODEL)]
+        return [f"reward model {self.score_model}"] if self.score_source == "reward_model" else []
 
     @property
     def mapping(self) -> str:

@@ -22,7 +22,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import model_validator
 
-from pipeline.judges.config import require_logprobs
+from pipeline.judges.config import JudgeConfig, require_logprobs
 from pipeline.stage import StageConfig, StageContext, register_stage
 from schemas.errors import InputError
 from schemas.pairs import model_name
@@ -61,6 +61,12 @@ class TreeSearchConfig(StageConfig, SearchConfig, MiningConfig):
 
     def logprobs_needed(self) -> str | None:
         return "value_fn logprob (the response's mean token probability)" if self.value_fn == "logprob" else None
+
+    def judges(self) -> list[str]:
+        """What scores node values and TPO lists, when a model does (the verifier and rollouts are no judge)."""
+        named = {"judge": (self.judge or JudgeConfig()).label(), "reward_model": f"reward model {self.value_model}"}
+        return [f"{what}: {named[kind]}" for what, kind in (("node values", self.value_fn),
+                                                           ("lists", self.list_score)) if kind in named]
 
     def sampling(self) -> dict:
         return {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "step_max_tokens",

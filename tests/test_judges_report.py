@@ -13,19 +13,25 @@ from flows.judged import full_solution_pairs, judged_info, judges_of, keep_stats
 HTTP = {"model": "smollm2-135m", "backend": "http", "base_url": "http://127.0.0.1:8000/v1"}
 
 
-def test_judges_are_named_from_the_step_config():
+def test_judges_are_named_from_the_step_config(tmp_path):
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")  # a reward-model folder, as the configs check at load
+    rm = str(tmp_path / "rm")
     assert judges_of("rationales", {"judge": HTTP}) == ["smollm2-135m (http, auto)"]
     assert judges_of("rationales", {}) == []  # the regex reader is no judge
     assert judges_of("deliberation", {}) == ["the agents' own model"]
     assert judges_of("deliberation", {"judge_model": "m", "judge_mode": "votes"}) == ["m (transformers, votes)"]
-    assert judges_of("intervention", {"harm_judges": [HTTP, {**HTTP, "mode": "votes"}]}) == \
-        ["smollm2-135m (http, auto)", "smollm2-135m (http, votes)"]
+    assert judges_of("intervention", {"mode": "safety_trigger", "harm_judges": [HTTP, {**HTTP, "mode": "votes"}]}) \
+        == ["smollm2-135m (http, auto)", "smollm2-135m (http, votes)"]
+    assert judges_of("intervention", {"mode": "math_correction"}) == []
     assert judges_of("reward-relabel", {"score_source": "columns"}) == []
-    assert judges_of("reward-relabel", {"score_source": "reward_model", "score_model": "rm"}) == ["reward model rm"]
+    assert judges_of("reward-relabel", {"score_source": "reward_model", "score_model": rm}) == [f"reward model {rm}"]
+    assert judges_of("reward-relabel", {"score_source": "judge", "score_model": "m"}) == ["m"]
     assert judges_of("tree-search", {"value_fn": "logprob"}) == []
     assert judges_of("tree-search", {"value_fn": "judge", "variant": "tpo_list", "list_score": "reward_model",
-                                     "value_model": "rm"}) == ["node values: the stage's own model",
-                                                                "lists: reward model rm"]
+                                     "value_model": rm}) == ["node values: the stage's own model",
+                                                             f"lists: reward model {rm}"]
+    assert judges_of("sample-pairs", {}) == []  # a stage with no judge option: the base config's []
 
 
 def test_keep_rate_counts_relabel_input_pairs_not_rows():

@@ -24,6 +24,13 @@ from pipeline.judges.judge import Judge
 from pipeline.judges.templates import JudgeTemplates
 
 BUILT_IN_MODELS = ("tiny-policy", "smollm2-135m")
+OWN_MODEL = "the stage's own model"  # how the run report names a judge that is the stage's own backend
+
+
+def judge_label(model: str | None, backend: str = "transformers", mode: str = "auto",
+                fallback: str = OWN_MODEL) -> str:
+    """How the run report names a judge: `model (backend, mode)`, or `fallback` when no model of its own is set."""
+    return fallback if not model else f"{model} ({backend}, {mode})"
 
 
 class JudgeConfig(BaseModel):
@@ -54,6 +61,9 @@ class JudgeConfig(BaseModel):
             raise ValueError(f"judge mode 'logprobs' needs log-probs, and {self.model!r} on the http backend has "
                              "no local tokenizer (a chat-only API): use mode 'votes' or give `tokenizer`")
         return self
+
+    def label(self, fallback: str = OWN_MODEL) -> str:
+        return judge_label(self.model, self.backend, self.mode, fallback)
 
     @property
     def scores_text(self) -> bool:
