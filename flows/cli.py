@@ -15,8 +15,10 @@ def register(app: typer.Typer, stage_app: typer.Typer) -> None:
                                              help="Run as a Prefect flow (default) or call the steps directly.")):
         """Run a whole pipeline from a run config: stages, training arms, evals, report, export."""
         from flows.config import load_run_config
+        from flows.rerun import check_rerun
 
-        load_run_config(config)  # fail on a bad config before starting anything
+        cfg, base = load_run_config(config)  # fail on a bad config before starting anything
+        check_rerun(cfg, base, str(config))  # ... or on a run folder it no longer matches (before Prefect starts)
         if prefect:
             import os
             # A temporary local server starts when no PREFECT_API_URL is set; on a busy 2-core machine it can
