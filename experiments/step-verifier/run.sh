@@ -38,3 +38,12 @@ $PY $D/search_compare.py "$OUT/task/eval.parquet" "$N_SEARCH" "$OUT/search-learn
 STEP_MIN_MARGIN=0 $PY $D/search_compare.py "$OUT/task/eval.parquet" "$N_SEARCH" "$OUT/search-learned-m0.jsonl" \
   reward_model "$OUT/variants/pw-4000/final"
 $PY $D/policy_baseline.py "$OUT/eval-run/tree-search"
+# Synthetic one-digit-slip pairs from training problems (no search), scored on the same 650 eval pairs (RESULTS.md 5)
+$PY $D/synthetic_pairs.py "$OUT/synthetic/pairs-12k.parquet" n_problems=12000 slip=policy
+$PY $D/synthetic_pairs.py "$OUT/synthetic/pairs-uniform-12k.parquet" n_problems=12000 slip=uniform
+syn() { $P train $D/synthetic.yaml --reward.eval-data "$OUT/eval-run/tree-search" "$@"; }
+syn --data "$OUT/synthetic/pairs-12k.parquet" --max-steps 300 --output-dir "$OUT/synthetic/probe-300"
+syn --data "$OUT/synthetic/pairs-uniform-12k.parquet" --max-steps 300 --lr 1e-3 --reward.eval-every 150 \
+  --output-dir "$OUT/synthetic/probe-uniform-lr1e-3"
+syn --data "$OUT/synthetic/pairs-12k.parquet" --max-steps 1600 --reward.eval-every 125 --save-final \
+  --output-dir "$OUT/synthetic/syn-1600"
