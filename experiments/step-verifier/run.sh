@@ -3,12 +3,12 @@
 # a reward model trained on 250 / 1,000 / 4,000 of them, scored on step pairs from eval problems that the exact
 # step verifier labelled; then best-first search valued by rollouts (N = 8) vs by the 4,000-pair reward model on
 # the same eval problems. Run from the repository root; outputs go to runs/step-verifier/.
-#   N_TRAIN (4000) training problems; N_SEARCH eval problems for the search comparison (the goal was 500; 200
-#   were run, RESULTS.md says why).
+#   N_TRAIN (4000) training problems; N_SEARCH eval problems for the search comparison (500; RESULTS.md's were
+#   run as 200, then START:END 190:500 into search-*-ext.jsonl, which gives the same chunks: seeds follow the index).
 set -euo pipefail
 OUT=${OUT:-runs/step-verifier}
 N_TRAIN=${N_TRAIN:-4000}
-N_SEARCH=${N_SEARCH:-200}
+N_SEARCH=${N_SEARCH:-500}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 P=.venv/bin/prefpipe
 PY=.venv/bin/python
