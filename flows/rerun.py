@@ -84,6 +84,7 @@ def _input_rows(store: RunStore, root: Path, ref: str) -> int | None:
     if not up.exists():
         return None
     m = up.manifest()
-    if not m.get("complete") or not m.get("summary"):
+    status = (m.get("summary") or {}).get("status") or {}
+    if not m.get("complete") or (output or "main") not in status:  # unfinished, or counts not recorded
         return None
-    return m["summary"]["status"].get(output or "main", {}).get("ok", 0)
+    return status[output or "main"].get("ok", 0)
