@@ -29,7 +29,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.tasks.arith import apply_op
+from pipeline.tasks.arith import format_step
 from pipeline.tasks.arith_task import ArithTask
 
 # (position from the units digit, weight) and (change, weight): the slips of the policy on the training tree pairs
@@ -53,26 +53,34 @@ def slip(value: int, rng: random.Random, kind: str) -> int:
         return int(s[:i] + str(d) + s[i + 1:])
 
 
-def lines(start: int, ops: list[tuple[str, int]], wrong_at: int | None = None, wrong: int | None = None) -> list[str]:
-    """The solution's step lines; with wrong_at, that step's result is `wrong` and later steps carry it."""
-    out, cur = [], start
-    for k, (op, b) in enumerate(ops, 1):
-        res = wrong if k == wrong_at else apply_op(cur, op, b)
-        out.append(f"Step {k}: {cur} {op} {b} = {res}")
-        cur = res
+def with_result(line: str, value: int) -> str:
+    """A step line with its result replaced by `value`."""
+    return line.rsplit("= ", 1)[0] + f"= {value}"
+
+
+def carried(p, wrong_at: int, wrong: int) -> list[str]:
+    """The solution's lines (the task's own step format) with step `wrong_at`'s result replaced by `wrong` and the
+    later steps and the answer computed from it: a slip carried through."""
+    out, cur = [], p.start
+    for k, (op, b) in enumerate(p.ops, 1):
+        line = format_step(k, cur, op, b)
+        if k == wrong_at:
+            line = with_result(line, wrong)
+        out.append(line)
+        cur = int(line.rsplit(" ", 1)[1])
     return out + [f"Answer: {cur}"]
 
 
 def problem_pairs(p, rng: random.Random, kind: str) -> list[dict] | None:
-    gold, results = lines(p.start, p.ops), p.results()
+    gold, results = [p.gold_line(k) for k in range(1, p.n_steps + 2)], p.results()
     rows = []
     for k in range(1, p.n_steps + 1):
-        bad = gold[k - 1].rsplit("= ", 1)[0] + f"= {slip(results[k - 1], rng, kind)}"
+        bad = with_result(gold[k - 1], slip(results[k - 1], rng, kind))
         rows.append({"chosen": "\n".join(gold[:k]), "rejected": "\n".join(gold[:k - 1] + [bad]),
                      "pair_type": "first_wrong_step"})
     for _ in range(20):  # a terminal slip whose carried values stay non-negative (the task never goes below 0)
         k = rng.randint(1, p.n_steps)
-        bad = lines(p.start, p.ops, k, slip(results[k - 1], rng, kind))
+        bad = carried(p, k, slip(results[k - 1], rng, kind))
         if all(int(x.rsplit(" ", 1)[1]) >= 0 for x in bad):
             rows.append({"chosen": "\n".join(gold), "rejected": "\n".join(bad), "pair_type": "terminal"})
             break
